@@ -1,0 +1,53 @@
+"""Box ops: IoU against a hand computation, clipping, and the cascade box coding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from divergen.boxes import DEFAULT_SCALE_CLAMP, Box2BoxTransform, box_area, clip_boxes, nonempty, pairwise_iou
+
+
+def test_pairwise_iou_hand_computed():
+    a = torch.tensor([[0.0, 0, 10, 10], [5, 5, 6, 6], [3, 3, 3, 8]])  # last one has zero area
+    b = torch.tensor([[5.0, 5, 15, 15], [0, 0, 10, 10]])
+    iou = pairwise_iou(a, b)
+    assert iou[0, 0] == pytest.approx(25 / (100 + 100 - 25))
+    assert iou[0, 1] == 1
+    assert iou[1, 0] == pytest.approx(1 / 100) and iou[1, 1] == pytest.approx(1 / 100)
+    assert (iou[2] == 0).all()  # no 0/0 for a degenerate box
+    assert torch.isfinite(iou).all()
+
+
+def test_clip_and_nonempty():
+    boxes = torch.tensor([[-5.0, -2, 50, 40], [10, 10, 10, 20], [30, 35, 60, 70]])
+    clipped = clip_boxes(boxes, (32, 48))  # (height, width)
+    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0, 48, 32], [10, 10, 10, 20], [30, 32, 48, 32]]))
+    assert nonempty(clipped).tolist() == [True, False, False]
+    torch.testing.assert_close(box_area(clipped), torch.tensor([48.0 * 32, 0, 0]))
+
+
+@pytest.mark.parametrize("weights", [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)])
+def test_box_coding_round_trip(weights):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 300
+    src = torch.cat([xy, xy + 4 + torch.rand(50, 2, generator=g) * 200], dim=1)
+    xy = torch.rand(50, 2, generator=g) * 300
+    tgt = torch.cat([xy, xy + 4 + torch.rand(50, 2, generator=g) * 200], dim=1)
+    coder = Box2BoxTransform(weights)
+    deltas = coder.get_deltas(src, tgt)
+    torch.testing.assert_close(coder.apply_deltas(deltas, src), tgt, atol=1e-3, rtol=1e-5)
+
+
+def test_box_coding_hand_computed_and_clamp():
+    coder = Box2BoxTransform((10, 10, 5, 5))
+    src = torch.tensor([[0.0, 0, 10, 20]])  # centre (5, 10), size 10 x 20
+    tgt = torch.tensor([[2.0, 4, 22, 24]])  # centre (12, 14), size 20 x 20
+    expected = torch.tensor([[10 * 7 / 10, 10 * 4 / 20, 5 * math.log(2), 5 * math.log(1)]])
+    torch.testing.assert_close(coder.get_deltas(src, tgt), expected)
+    # dw/dh are clamped at log(1000/16) before exp: a huge delta grows the box at most 62.5x.
+    huge = coder.apply_deltas(torch.tensor([[0.0, 0, 1e4, 1e4]]), src)
+    w, h = huge[0, 2] - huge[0, 0], huge[0, 3] - huge[0, 1]
+    assert w == pytest.approx(10 * math.exp(DEFAULT_SCALE_CLAMP)) and h == pytest.approx(20 * 62.5)
