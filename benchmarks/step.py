@@ -80,7 +80,12 @@ def run(mode: str, iters: int, warmup: int, profile: bool) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    result = {"mode": mode, "median_s": statistics.median(times), "min_s": min(times), "peak_rss_gb": peak_rss_gb()}
+    result = {
+        "mode": mode,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_rss_gb": peak_rss_gb(),
+    }
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -92,7 +97,9 @@ def run(mode: str, iters: int, warmup: int, profile: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=["train", "infer"], help="run one mode in this process")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -106,21 +113,35 @@ def main() -> None:
         return
     results = []
     for mode in ("train", "infer"):  # each in a fresh process, so that peak RSS is per mode
-        cmd = [sys.executable, __file__, "--mode", mode, "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     lines = [
         "| what | median s | min s | peak RSS GB |",
         "|---|---:|---:|---:|",
-        *(f"| {r['mode']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['peak_rss_gb']:.2f} |" for r in results),
+        *(
+            f"| {r['mode']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['peak_rss_gb']:.2f} |"
+            for r in results
+        ),
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
+        cpu = platform.processor() or platform.machine()
         header = (
             f"## step.py: R50 CenterNet2, CPU, {args.threads} threads\n\n"
-            f"`python benchmarks/step.py --iters {args.iters} --write` on {platform.processor() or platform.machine()}, "
+            f"`python benchmarks/step.py --iters {args.iters} --write` on {cpu}, "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Train: batch 2 x 640², 10 GT each, fwd+bwd. "
             "Infer: 1 x 640², no_grad.\n\n"
         )

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 PARITY_DIR = Path(
-    os.environ.get("DIVERGEN_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference" / "parity")
+    os.environ.get(
+        "DIVERGEN_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference" / "parity"
+    )
 )
 
 
