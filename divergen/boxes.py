@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torchvision
 from torch import Tensor
 
 # detectron2's default clamp on dw/dh before exp(): a box can grow at most 1000/16 times per step.
@@ -104,3 +105,20 @@ class Box2BoxTransform:
             (pred_cx - 0.5 * pred_w, pred_cy - 0.5 * pred_h, pred_cx + 0.5 * pred_w, pred_cy + 0.5 * pred_h),
             dim=1,
         )
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Class-wise NMS: indices of the kept ``(N, 4)`` boxes, by descending score (``torchvision.ops.batched_nms``).
+
+    On the CPU, torchvision runs one NMS per class as soon as there are more than 1000 boxes: with LVIS's 1203
+    classes that is ~1200 NMS calls per image at inference. Here every class is shifted to its own region of the
+    plane instead (torchvision's "coordinate trick"), so one NMS call suffices; the shift is done in float64 so that
+    the IoUs of the shifted boxes stay as exact as the unshifted fp32 ones.
+    """
+    if boxes.device.type != "cpu":
+        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    boxes = boxes.double()
+    offsets = idxs.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores.double(), iou_threshold)

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import roi_align
 
-from .boxes import Box2BoxTransform, box_area, clip_boxes, nonempty, pairwise_iou
+from .boxes import Box2BoxTransform, batched_nms, box_area, clip_boxes, nonempty, pairwise_iou
 
 # ----------------------------------------------------------------------------------------------- pooling
 

@@ -6,8 +6,17 @@ import math
 
 import pytest
 import torch
+import torchvision
 
-from divergen.boxes import DEFAULT_SCALE_CLAMP, Box2BoxTransform, box_area, clip_boxes, nonempty, pairwise_iou
+from divergen.boxes import (
+    DEFAULT_SCALE_CLAMP,
+    Box2BoxTransform,
+    batched_nms,
+    box_area,
+    clip_boxes,
+    nonempty,
+    pairwise_iou,
+)
 
 
 def test_pairwise_iou_hand_computed():
@@ -51,3 +60,19 @@ def test_box_coding_hand_computed_and_clamp():
     huge = coder.apply_deltas(torch.tensor([[0.0, 0, 1e4, 1e4]]), src)
     w, h = huge[0, 2] - huge[0, 0], huge[0, 3] - huge[0, 1]
     assert w == pytest.approx(10 * math.exp(DEFAULT_SCALE_CLAMP)) and h == pytest.approx(20 * 62.5)
+
+
+def test_batched_nms_equals_per_class_nms():
+    """One NMS over class-shifted boxes == torchvision's per-class loop (what it runs above 1000 CPU boxes)."""
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    xy = torch.rand(n, 2, generator=g) * 600 - 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 150], dim=1)
+    scores = torch.rand(n, generator=g)
+    classes = torch.randint(0, 40, (n,), generator=g)
+    ours = batched_nms(boxes, scores, classes, 0.5)
+    reference = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, classes, 0.5)
+    assert torch.equal(ours, reference)
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (
+        0,
+    )
