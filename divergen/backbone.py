@@ -50,8 +50,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        # Cast to the input dtype as detectron2 does, so a half-precision trunk stays half precision.
-        return x * scale.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+        # Cast to the input dtype as detectron2 does, so a half-precision trunk stays half precision. One fused
+        # multiply-add instead of x * scale + bias: one pass over the activations fewer, forward and backward.
+        return torch.addcmul(bias.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # timm / torchvision ImageNet weights carry BatchNorm2d's counter; it has no meaning for a frozen BN.

@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel, strip_prefix
 
 from divergen.backbone import (
     FPN,
@@ -20,6 +19,8 @@ from divergen.backbone import (
     relative_position_index,
     shifted_window_mask,
 )
+
+from .conftest import assert_close_rel, strip_prefix
 
 TINY_SWIN = dict(
     embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=12, drop_path_rate=0.0

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_close_rel, strip_prefix
 
 from divergen.centernet import (
     INF,
@@ -22,6 +21,8 @@ from divergen.centernet import (
     heatmap_focal_loss,
     positive_indices,
 )
+
+from .conftest import assert_close_rel, strip_prefix
 
 STRIDES = (8, 16, 32, 64, 128)
 SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 1e7))
