@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from .boxes import Box2BoxTransform, batched_nms, box_area, clip_boxes, nonempty, pairwise_iou
+from .roi_align import roi_align
 
 # ----------------------------------------------------------------------------------------------- pooling
 
@@ -39,7 +39,7 @@ def multilevel_roi_align(
 ) -> Tensor:
     """ROIAlignV2 over an FPN (detectron2 ``ROIPooler``): each RoI is pooled from its ``assign_levels`` level.
 
-    torchvision ``roi_align`` with ``aligned=True`` (half-pixel-correct ROIAlign), adaptive
+    ``roi_align`` (torchvision's forward, a fast CPU backward) with ``aligned=True`` (ROIAlignV2), adaptive
     ``sampling_ratio=0`` and ``spatial_scale = 1 / stride``; one call per level for the whole batch.
 
     Arguments:
