@@ -386,10 +386,9 @@ def _cli(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["evaluate", "generate"])
-def test_stub_clis_load_the_config_then_exit_2(name, caplog):
+def test_generate_cli_loads_the_config_then_exits_2(caplog):
     with caplog.at_level(logging.ERROR):
-        assert _cli(name).main(["--config", str(CONFIGS / "tiny.toml"), "--set", "train.seed=3"]) == 2
+        assert _cli("generate").main(["--config", str(CONFIGS / "tiny.toml"), "--set", "train.seed=3"]) == 2
     assert "not implemented yet" in caplog.text
 
 
@@ -400,13 +399,3 @@ def test_clis_report_config_errors_with_exit_2(name, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--set 'model.num_clases=3'" in err and "did you mean 'model.num_classes'" in err
-
-
-@pytest.mark.skipif(
-    not (ROOT / "divergen" / "model.py").is_file(), reason="divergen/model.py not written yet"
-)
-def test_train_cli_builds_the_tiny_model_then_exits_2(caplog):
-    with caplog.at_level(logging.INFO):
-        assert _cli("train").main(["--config", str(CONFIGS / "tiny.toml")]) == 2
-    assert "backbone resnet18, 8 classes" in caplog.text and "M parameters" in caplog.text
-    assert "training loop is not implemented yet" in caplog.text
