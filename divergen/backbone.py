@@ -92,7 +92,12 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, *, name: str = "resnet50"):
         super().__init__()
-        base = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        # zero_init_last=False: timm zero-initialises each block's last BN weight, and a frozen BN would keep it at
+        # 0 forever, so every residual branch of a model trained from scratch would stay dead. Pretrained weights
+        # overwrite these values anyway.
+        base = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=(2, 3, 4), zero_init_last=False
+        )
         self.out_channels: list[int] = list(base.feature_info.channels())
         self.strides: list[int] = list(base.feature_info.reduction())
         self.base = FrozenBatchNorm2d.convert(base)

@@ -418,3 +418,10 @@ def test_frozen_batchnorm_formula():
     ref = ref * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
     assert_close_rel(bn(x), ref, rel=1e-6, name="frozen bn")
     assert bn(x.half()).dtype == torch.half
+
+
+def test_resnet_residual_branches_start_alive():
+    """A frozen BN cannot learn its way out of timm's zero-initialised last BN: those weights must start at 1."""
+    trunk = ResNetTrunk(name="resnet18")
+    last_bns = [block.bn2 for layer in (trunk.base.layer1, trunk.base.layer4) for block in layer]
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in last_bns)
