@@ -13,12 +13,17 @@ a sample's four bilinear corner weights are ``hy*hx, hy*lx, ly*hx, ly*lx`` and i
 on y and on x separately, so ``weight[k, (ph, pw), (y, x)] = wy[k, ph, y] * wx[k, pw, x] / count[k]``, where
 ``wy[k, ph, :]`` sums the 1-D weights of the bin's ``grid_h`` sample rows. Each bin touches one short run of rows
 and one of columns, so the matrix holds one entry per (bin, touched pixel), already merged over samples.
+
+The matrix is built from many small ops; they run serially (RoI slabs below torch's parallel grain size, numpy
+for the sort), because on a 2-core machine whose other core is busy every OpenMP region costs milliseconds
+(``_SERIAL_ELEMENTS``). Only the big steps (the sparse product, the transposes) use torch's threads.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor
@@ -26,10 +31,10 @@ from torch.autograd.function import once_differentiable
 
 
 def _prefer_torchvision(work: int, input_numel: int) -> bool:
-    """Whether torchvision's serial backward is the faster one. It costs ~15-30 ns per unit of ``work``
-    (channels x bins x samples, its inner-loop count); ours ~1 ms plus ~3 ns per input element (a fresh
+    """Whether torchvision's serial backward is the faster one. It costs ~15-20 ns per unit of ``work``
+    (channels x bins x samples, its inner-loop count); ours ~1 ms plus ~2 ns per input element (a fresh
     ``(B*H*W, C)`` buffer and the transpose out of it). Crossover measured by ``benchmarks/roi_align.py
-    --crossover`` on 1-2 threads; the training step's poolings are 10-100x above it."""
+    --crossover`` on 1 and 2 threads; the training step's poolings are 10-100x above it."""
     return work < 50_000 + input_numel // 8
 
 
@@ -124,11 +129,11 @@ class _RoIAlign(torch.autograd.Function):
 # fp32), and at most this many sparse entries (~40 bytes each) are held at once.
 _CHUNK_GRAD_ELEMENTS = 1 << 23
 _CHUNK_ENTRIES = 1 << 20
-# torch runs an op on the calling thread alone up to this many elements (at::internal::GRAIN_SIZE), and opens an
-# OpenMP parallel region beyond. The sparse matrix is built from many small ops, so it is built in RoI slabs
-# below that size: a parallel region after serial work wakes the sleeping worker thread, which costs up to
-# milliseconds while another process holds the other core (then the p3 backward of the training step took 1.2 s
-# when built in parallel, 0.12 s in slabs, on 2 threads).
+# torch runs an elementwise op on the calling thread alone up to this many elements (at::internal::GRAIN_SIZE)
+# and opens an OpenMP parallel region beyond. The sparse matrix is built from many small ops, so it is built in
+# RoI slabs below that size: a parallel region after serial work wakes the sleeping worker thread, which costs
+# up to milliseconds while another process holds the other core. Measured on 2 threads with the other core busy:
+# the box pooler's backward (1024 RoIs, 3 levels) took ~750 ms built in parallel, ~140 ms built serially.
 _SERIAL_ELEMENTS = 1 << 15
 
 
@@ -174,12 +179,12 @@ def roi_align_backward(
             f"roi_align_backward: batch indices must lie in [0, {batch}), got {rois[:, 0].unique()}"
         )
     axes = ((start_h, bin_h, grid_h, pooled_h, height), (start_w, bin_w, grid_w, pooled_w, width))
-    # per RoI: elements of its 1-D sample tensors, and a bound on its sparse entries (a bin touches at most
-    # 2 pixels per sample and ceil(bin) + 2 pixels per axis)
+    # per RoI: elements of its 1-D sample tensors, and a bound on its sparse entries (a bin's samples span less
+    # than the bin, so each axis's run of pixels is at most ceil(bin) + 2 long)
     samples = torch.stack([grid.clamp(min=0) * pooled for _, _, grid, pooled, _ in axes]).amax(0)
     touched = [
-        torch.minimum(2 * grid, torch.ceil(bin_size.abs()).nan_to_num(0).to(torch.int64) + 2).clamp(0, size)
-        for _, bin_size, grid, _, size in axes
+        (torch.ceil(bin_size.abs()).nan_to_num(0).clamp(max=size) + 2).to(torch.int64).clamp(max=size)
+        for _, bin_size, _, _, size in axes
     ]
     entries = num_bins * touched[0] * touched[1]
 
@@ -195,8 +200,7 @@ def roi_align_backward(
                 (start[k], bin_size[k], grid[k], pooled, size) for start, bin_size, grid, pooled, size in axes
             ]
             parts.append(_slab_entries(image[k], slab_axes, first, end - begin))
-        pixel, dense_row, value = (torch.cat(p) for p in zip(*parts))
-        weight = _csr(pixel, dense_row, value, (batch * height * width, (end - begin) * num_bins))
+        weight = _csr(parts, (batch * height * width, (end - begin) * num_bins))
         # the dense operand, (P * K_chunk, C) with row p * K_chunk + k: the channel dimension is the dense one of
         # the sparse x dense product, and this row order makes it one 2-D transpose of (K_chunk * C, P)
         chunk = grad_flat[begin:end].to(dtype).contiguous().view(-1, num_bins)
@@ -327,7 +331,7 @@ def _slab_entries(
     shape = (num_rois, pooled_h, pooled_w)
     per_bin = (len_y[:, :, None] * len_x[:, None, :]).reshape(-1)  # (S * P,)
     total = int(per_bin.sum())
-    bin_id = torch.repeat_interleave(torch.arange(per_bin.numel()), per_bin, output_size=total)
+    bin_id = _repeat_arange(per_bin, total)
     # per bin: its first entry, its block width, where its rows/columns start in w_y/row_base and w_x/col_base,
     # and its row of the dense operand
     bin_first = torch.cumsum(per_bin, 0) - per_bin
@@ -346,18 +350,34 @@ def _slab_entries(
     return pixel.to(torch.int32), dense_row.to(torch.int32), value
 
 
-def _csr(pixel: Tensor, dense_row: Tensor, value: Tensor, size: tuple[int, int]) -> Tensor:
-    """The ``size = (B*H*W, P*K)`` CSR matrix of entries ``(pixel, dense_row, value)``: sorted by pixel (int32
-    keys sort ~2x faster than int64); MKL takes the columns of a row in any order."""
-    pixel, order = torch.sort(pixel, stable=True)
-    crow = torch.zeros(size[0] + 1, dtype=torch.int32)
-    torch.cumsum(torch.bincount(pixel, minlength=size[0]), 0, out=crow[1:])
+def _repeat_arange(counts: Tensor, total: int) -> Tensor:
+    """``torch.repeat_interleave(torch.arange(len(counts)), counts)`` (``total`` = its length), without the
+    parallel region that ``repeat_interleave`` opens at any size (see ``_SERIAL_ELEMENTS``)."""
+    nonzero = counts.nonzero()[:, 0]
+    starts = torch.zeros(total, dtype=torch.int64)
+    starts[(torch.cumsum(counts, 0) - counts).index_select(0, nonzero[1:])] = 1
+    return nonzero.index_select(0, torch.cumsum(starts, 0))
+
+
+def _csr(parts: list[tuple[Tensor, Tensor, Tensor]], size: tuple[int, int]) -> Tensor:
+    """The ``size = (B*H*W, P*K)`` CSR matrix of the slabs' entries ``(pixel, dense row, value)``.
+
+    Built with numpy: torch's ``cat``, ``sort`` and ``bincount`` open parallel regions at any size (see
+    ``_SERIAL_ELEMENTS``; its sort then took ~100 ms for 400k keys), numpy's stable sort of 16-bit keys is a
+    serial radix sort (~2 ms). MKL takes the columns of a CSR row in any order.
+    """
+    pixel, dense_row, value = (np.concatenate([part[i].numpy() for part in parts]) for i in range(3))
+    order = np.argsort(pixel.astype(np.uint16), kind="stable")  # LSD radix sort, 16 bits at a time
+    for shift in range(16, max(size[0] - 1, 1).bit_length(), 16):
+        order = order[np.argsort((pixel[order] >> shift).astype(np.uint16), kind="stable")]
+    crow = np.zeros(size[0] + 1, dtype=np.int32)
+    np.cumsum(np.bincount(pixel, minlength=size[0]), out=crow[1:])
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            crow,
-            dense_row.index_select(0, order),
-            value.index_select(0, order),
+            torch.from_numpy(crow),
+            torch.from_numpy(dense_row[order]),
+            torch.from_numpy(value[order]),
             size=size,
             check_invariants=False,
         )

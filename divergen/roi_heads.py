@@ -68,7 +68,7 @@ def multilevel_roi_align(
     for level, (feature, stride) in enumerate(zip(features, strides, strict=True)):
         inds = (levels == level).nonzero()[:, 0]
         if len(inds):
-            pooled = roi_align(feature, rois[inds].to(feature.dtype), output_size, 1.0 / stride, 0, True)
+            pooled = roi_align(feature, rois[inds], output_size, 1.0 / stride, 0, True)
             out[inds] = pooled.to(out.dtype)
     return out
 

@@ -291,15 +291,17 @@ def test_overfit_two_images(tiny_cfg):
     b, tb = _shapes_image(128, 128, [(6, (50, 16, 120, 70))], seed=4)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     model.train()
-    first = None
+    totals = []
     for _ in range(120):
         losses = model([a, b], [ta, tb])
         total = sum(losses.values())
-        first = first if first is not None else total.item()
+        totals.append(total.item())
         opt.zero_grad()
         total.backward()
         opt.step()
-    assert total.item() < 0.5 * first, (first, {k: round(v.item(), 4) for k, v in losses.items()})
+    # Averages over 10 steps: the last step's box losses (/ 4·N_fg, few foreground RoIs) are noisy.
+    first, last = sum(totals[:10]) / 10, sum(totals[-10:]) / 10
+    assert last < 0.35 * first, (first, last, {k: round(v.item(), 4) for k, v in losses.items()})
     model.eval()
     with torch.no_grad():
         outs = model([a, b])

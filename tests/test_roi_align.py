@@ -94,6 +94,25 @@ def test_tiny_maps(vectorised, map_size):
     assert_close_rel(g_ours, g_ref, rel=1e-5, name="grad")
 
 
+def test_map_with_more_than_65536_pixels(vectorised):
+    # the CSR rows (flat pixel indices) are sorted 16 bits at a time: 2 x 160 x 208 = 66560 pixels needs 2 passes
+    g = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 2, 160, 208, generator=g)
+    boxes = torch.rand(200, 2, generator=g) * torch.tensor([208.0, 160.0])
+    rois = torch.cat(
+        [
+            torch.randint(0, 2, (200, 1), generator=g).float(),
+            boxes,
+            boxes + 1 + 30 * torch.rand(200, 2, generator=g),
+        ],
+        dim=1,
+    )
+    weight = torch.randn(200, 2, 7, 7, generator=g)
+    _, _, g_ours, g_ref = grads(features, rois, 7, 1.0, 0, True, weight)
+    assert (g_ref[1, :, 150:] != 0).any()  # RoIs reach the last rows of the second image (flat index > 65535)
+    assert_close_rel(g_ours, g_ref, rel=1e-5, name="grad")
+
+
 def test_border_and_hand_computed_gradients(vectorised):
     # One 1x1 bin, aligned, scale 1: the box [1, 3]^2 starts at 0.5 with a 2-px bin and grid 2, so its samples
     # sit exactly on pixel centres 1 and 2 (no interpolation): 1/4 of the gradient on each of 4 pixels.
@@ -165,19 +184,29 @@ def test_half_features_run_in_fp32(vectorised, dtype):
     assert_close_rel(grad.float(), ref_grad, rel=2.0**-8, name=f"{dtype} grad")
 
 
-def test_chunked_equals_unchunked(vectorised, monkeypatch):
+def test_ranges():
+    # a range closes before the RoI that would take any column over its limit; an oversized RoI stands alone
+    costs = torch.tensor([[100, 1]] * 7)
+    assert ra._ranges(costs, (300, 100)) == [(0, 3), (3, 6), (6, 7)]
+    assert ra._ranges(costs, (1000, 5)) == [(0, 5), (5, 7)]
+    assert ra._ranges(torch.tensor([[1000], [1], [1]]), (10,)) == [(0, 1), (1, 3)]
+    assert ra._ranges(torch.zeros(0, 2, dtype=torch.int64), (1, 1)) == [(0, 0)]
+
+
+@pytest.mark.parametrize("limits", [(8 * 49 * 5, 300, 200), (1 << 30, 1 << 30, 500)])
+def test_chunks_and_slabs_equal_one_pass(vectorised, monkeypatch, limits):
+    # chunks of 5 RoIs (gradient bound) or ~300 entries; slabs of a few RoIs: the same sparse matrix, split
     g = torch.Generator().manual_seed(6)
     rois = make_rois(1 / 8, 50, seed=7)
     grad_out = torch.randn(len(rois), 8, 7, 7, generator=g)
     whole = roi_align_backward(grad_out, rois, (2, 8, H, W), 1 / 8)
-    monkeypatch.setattr(ra, "_CHUNK_ENTRIES", 300)
-    monkeypatch.setattr(ra, "_CHUNK_GRAD_ELEMENTS", 8 * 49 * 5)
-    # each bound splits on its own: 3 RoIs of 100 entries, or 5 RoIs of 8 x 49 gradient elements, per chunk
-    assert ra._chunks(torch.full((7,), 100), 49, 8) == [(0, 3), (3, 6), (6, 7)]
-    assert ra._chunks(torch.full((7,), 1), 49, 8) == [(0, 5), (5, 7)]
-    assert ra._chunks(torch.tensor([1000, 1, 1]), 49, 8) == [(0, 1), (1, 3)]  # an oversized RoI alone
-    chunked = roi_align_backward(grad_out, rois, (2, 8, H, W), 1 / 8)
-    assert_close_rel(chunked, whole, rel=1e-6, name="chunked")
+    for name, limit in zip(("_CHUNK_GRAD_ELEMENTS", "_CHUNK_ENTRIES", "_SERIAL_ELEMENTS"), limits):
+        monkeypatch.setattr(ra, name, limit)
+    split = roi_align_backward(grad_out, rois, (2, 8, H, W), 1 / 8)
+    assert torch.equal(split, roi_align_backward(grad_out, rois, (2, 8, H, W), 1 / 8))  # deterministic
+    assert_close_rel(split, whole, rel=1e-6, name="split")
+    ref = torch.ops.torchvision._roi_align_backward(grad_out, rois, 1 / 8, 7, 7, 2, 8, H, W, 0, True)
+    assert_close_rel(split, ref, rel=1e-5, name="split vs torchvision")
 
 
 def test_expanded_grad_output_and_rois_from_boxes(vectorised):
