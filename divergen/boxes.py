@@ -110,15 +110,17 @@ class Box2BoxTransform:
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """Class-wise NMS: indices of the kept ``(N, 4)`` boxes, by descending score (``torchvision.ops.batched_nms``).
 
-    On the CPU, torchvision runs one NMS per class as soon as there are more than 1000 boxes: with LVIS's 1203
-    classes that is ~1200 NMS calls per image at inference. Here every class is shifted to its own region of the
-    plane instead (torchvision's "coordinate trick"), so one NMS call suffices; the shift is done in float64 so that
-    the IoUs of the shifted boxes stay as exact as the unshifted fp32 ones.
+    Same result as torchvision. On the CPU above 1000 boxes torchvision loops over the classes and builds an
+    N-long mask for each; with LVIS's 1203 classes and up to 256 x 1203 candidates per image that loop was most of
+    the inference time. Here the boxes are grouped by class with one stable sort, and each class runs NMS on its
+    own slice (one quadratic NMS over all classes, torchvision's other strategy, would be far slower at that size).
     """
-    if boxes.device.type != "cpu":
+    if boxes.device.type != "cpu" or boxes.shape[0] <= 1000:
         return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    boxes = boxes.double()
-    offsets = idxs.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
-    return torchvision.ops.nms(boxes + offsets[:, None], scores.double(), iou_threshold)
+    order = torch.argsort(idxs, stable=True)
+    counts = torch.unique_consecutive(idxs[order], return_counts=True)[1].tolist()
+    keep_mask = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for inds in order.split(counts):
+        keep_mask[inds[torchvision.ops.nms(boxes[inds], scores[inds], iou_threshold)]] = True
+    keep = keep_mask.nonzero().squeeze(1)
+    return keep[scores[keep].sort(descending=True)[1]]

@@ -63,7 +63,7 @@ def test_box_coding_hand_computed_and_clamp():
 
 
 def test_batched_nms_equals_per_class_nms():
-    """One NMS over class-shifted boxes == torchvision's per-class loop (what it runs above 1000 CPU boxes)."""
+    """Grouped per-class NMS == torchvision's per-class loop (what it runs above 1000 CPU boxes)."""
     g = torch.Generator().manual_seed(0)
     n = 3000
     xy = torch.rand(n, 2, generator=g) * 600 - 50
