@@ -30,6 +30,8 @@ from pycocotools import mask as mask_utils
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 from divergen.boxes import nonempty  # noqa: E402
 from divergen.data import (  # noqa: E402
     DetectionDataset,
@@ -192,19 +194,7 @@ def main() -> None:
             "The ms/image split (main process) leaves out collation and the transfer between processes.",
             f"Load average before the run: {load_before:.1f} (shared machine: images/s move with it).\n\n",
         ])  # fmt: skip
-        _write_section(ROOT / "benchmarks" / "RESULTS.md", "## data.py", header + table + "\n")
-
-
-def _write_section(path: Path, marker: str, text: str) -> None:
-    """Replace the section starting with ``marker`` (up to the next '## ') or append it; as step.py."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.write_text(new)
+        write_section("## data.py", header + table + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 from divergen.config import load_config  # noqa: E402
 from divergen.evaluation import evaluate_lvis, run_evaluation  # noqa: E402
 from divergen.model import build_model  # noqa: E402
@@ -180,19 +182,7 @@ def main() -> None:
             f"set: one run). {summary} Shared machine: times move with",
             f"its load (load average before the run: {LOAD_BEFORE:.1f}).\n\n",
         ])  # fmt: skip
-        _write_section(ROOT / "benchmarks" / "RESULTS.md", "## evaluate.py", header + table + "\n")
-
-
-def _write_section(path: Path, marker: str, text: str) -> None:
-    """Replace the section starting with ``marker`` (up to the next '## ') or append it; as data.py."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.write_text(new)
+        write_section("## evaluate.py", header + table + "\n")
 
 
 LOAD_BEFORE = os.getloadavg()[0]

@@ -29,6 +29,8 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 from divergen import roi_align as ra  # noqa: E402
 from divergen.roi_align import roi_align, roi_align_backward  # noqa: E402
 from divergen.roi_heads import assign_levels  # noqa: E402
@@ -157,9 +159,7 @@ def main() -> None:
             "2-thread parallel ops (ours) lose much more than torchvision's serial loop, hence the 1-thread "
             "table.\n\n"
         )
-        _write_section(
-            ROOT / "benchmarks" / "RESULTS.md", "## roi_align.py", header + "\n\n".join(tables) + "\n"
-        )
+        write_section("## roi_align.py", header + "\n\n".join(tables) + "\n")
 
 
 def _table(box: dict, mask: dict) -> str:
@@ -181,18 +181,6 @@ def _table(box: dict, mask: dict) -> str:
         f"| {step['torchvision'] / step['ours']:.1f}x | | | | |"
     )
     return "\n".join(lines)
-
-
-def _write_section(path: Path, marker: str, text: str) -> None:
-    """Replace the section starting with ``marker`` (up to the next '## ') or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 from divergen.config import load_config  # noqa: E402
 from divergen.model import build_model  # noqa: E402
 
@@ -145,19 +147,7 @@ def main() -> None:
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Train: batch 2 x 640², 10 GT each, fwd+bwd. "
             "Infer: 1 x 640², no_grad.\n\n"
         )
-        _write_section(ROOT / "benchmarks" / "RESULTS.md", "## step.py", header + table + "\n")
-
-
-def _write_section(path: Path, marker: str, text: str) -> None:
-    """Replace the section starting with ``marker`` (up to the next '## ') or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(marker)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(marker))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.write_text(new)
+        write_section("## step.py", header + table + "\n")
 
 
 if __name__ == "__main__":
