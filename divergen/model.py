@@ -96,7 +96,7 @@ class CenterNet2(nn.Module):
         """Training (``model.train()``, targets given) -> dict of losses; inference -> per-image detections.
 
         Arguments:
-            images: list of ``(3, H_i, W_i)`` float RGB tensors, values 0..255.
+            images: list of ``(3, H_i, W_i)`` RGB tensors, uint8 or float, values 0..255.
             targets: per image ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) int64 0-based, ``masks`` (N, H_i, W_i)
                 bool/uint8, optional ``is_pasted`` (N,) bool. Boxes with no area are dropped (detectron2's mapper
                 does the same).
