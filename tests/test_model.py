@@ -96,13 +96,18 @@ def test_parity_inference(parity_model, heads_case):
     assert (ours != ref_masks).sum() <= 3
 
 
-def test_parity_training_losses(parity_model, heads_case):
-    image = heads_case["input.image"].float()
-    target = {
+def fixture_target(heads_case) -> dict[str, torch.Tensor]:
+    """The parity case's 6 GT instances in the model's target format."""
+    return {
         "boxes": heads_case["target.gt_boxes"],
         "labels": heads_case["target.gt_classes"],
         "masks": heads_case["target.gt_masks"],
     }
+
+
+def test_parity_training_losses(parity_model, heads_case):
+    image = heads_case["input.image"].float()
+    target = fixture_target(heads_case)
     parity_model.train()
     torch.manual_seed(0)
     losses = parity_model([image], [target])
@@ -115,11 +120,7 @@ def test_paste_cls_loss_is_part_of_cls_loss(parity_model, heads_case):
     """With every instance marked pasted, the pasted-RoI cls loss is the foreground share of loss_cls."""
     image = heads_case["input.image"].float()
     n = len(heads_case["target.gt_classes"])
-    target = {
-        "boxes": heads_case["target.gt_boxes"],
-        "labels": heads_case["target.gt_classes"],
-        "masks": heads_case["target.gt_masks"],
-    }
+    target = fixture_target(heads_case)
     parity_model.train()
     torch.manual_seed(0)
     none = parity_model(
