@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import importlib.util
 import io
 import json
@@ -26,10 +25,8 @@ import os
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,32 +38,15 @@ from divergen.config import load_config  # noqa: E402
 from divergen.evaluation import evaluate_lvis, run_evaluation  # noqa: E402
 from divergen.model import build_model  # noqa: E402
 from divergen.synthetic import make_synthetic_lvis  # noqa: E402
+from tests.lvis_reference import lvis_api_evaluate as reference_evaluate  # noqa: E402
+from tests.lvis_reference import patch_lvis_import  # noqa: E402
 
 
 def lvis_api_evaluate(gt: dict, results: list[dict], iou_type: str, max_dets: int) -> dict[str, float]:
-    """lvis-api 0.5.3 as detectron2's LVISEvaluator calls it (``bbox`` dropped for segm)."""
-    np.float = float  # lvis 0.5.3 predates numpy 2  # noqa: NPY001
-    if "lvis.eval" not in sys.modules:
-        # Skip lvis/__init__.py: it imports the visualiser (cv2, matplotlib), which evaluation does not need.
-        pkg = types.ModuleType("lvis")
-        pkg.__path__ = list(importlib.util.find_spec("lvis").submodule_search_locations)
-        sys.modules["lvis"] = pkg
-    from lvis.eval import LVISEval
-    from lvis.lvis import LVIS
-    from lvis.results import LVISResults
-
-    lvis_gt = LVIS.__new__(LVIS)
-    lvis_gt.logger = logging.getLogger("lvis")
-    lvis_gt.dataset = copy.deepcopy(gt)
-    lvis_gt._create_index()
-    results = copy.deepcopy(results)
-    if iou_type == "segm":
-        for r in results:
-            r.pop("bbox", None)
-    ev = LVISEval(lvis_gt, LVISResults(lvis_gt, results, max_dets=max_dets), iou_type)
+    """lvis-api 0.5.3 as detectron2's LVISEvaluator calls it (tests/lvis_reference.py), its prints silenced."""
+    patch_lvis_import()
     with contextlib.redirect_stdout(io.StringIO()):
-        ev.run()
-    return {k: float(v) for k, v in ev.results.items()}
+        return reference_evaluate(gt, results, iou_type, max_dets)[0]
 
 
 def tile_dataset(gt: dict, results: list[dict], tile: int) -> tuple[dict, list[dict]]:

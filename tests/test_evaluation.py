@@ -4,14 +4,11 @@ pycocotools called directly, results conversion and inference over a dataset wit
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,7 @@ from divergen.evaluation import (
     save_metrics,
     to_lvis_results,
 )
+from tests.lvis_reference import lvis_api_evaluate, patch_lvis_import
 
 # ----------------------------------------------------------------------------------------------------------
 # Synthetic LVIS-format ground truth and detections
@@ -152,34 +150,13 @@ def perfect_detections(gt: dict) -> list[dict]:
 def lvis_reference(monkeypatch):
     """``run(gt, results, iou_type, max_dets) -> (results dict, precision array)`` with the lvis package,
     called as detectron2's LVISEvaluator calls it (``bbox`` dropped from the results for segm)."""
-    spec = importlib.util.find_spec("lvis")
-    if spec is None:
+    if not patch_lvis_import(monkeypatch):
         pytest.skip("the reference evaluator is not installed: pip install --no-deps lvis==0.5.3")
-    monkeypatch.setattr(np, "float", float, raising=False)  # lvis 0.5.3 predates numpy 2
-    if "lvis.eval" not in sys.modules:
-        # Skip lvis/__init__.py: it imports the visualiser (cv2, matplotlib), which evaluation does not need.
-        pkg = types.ModuleType("lvis")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        monkeypatch.setitem(sys.modules, "lvis", pkg)
-    from lvis.eval import LVISEval
-    from lvis.lvis import LVIS
-    from lvis.results import LVISResults
 
     def run(gt, results, iou_type, max_dets=300):
-        lvis_gt = LVIS.__new__(LVIS)
-        lvis_gt.logger = logging.getLogger("lvis")
-        lvis_gt.dataset = copy.deepcopy(gt)
-        lvis_gt._create_index()
-        results = copy.deepcopy(results)
-        if iou_type == "segm":
-            for r in results:
-                r.pop("bbox", None)
-        ev = LVISEval(lvis_gt, LVISResults(lvis_gt, results, max_dets=max_dets), iou_type)
-        ev.run()
+        summary, precision = lvis_api_evaluate(gt, results, iou_type, max_dets)
         # lvis-api names AR by its fixed params.max_dets (300) whatever the results' cap.
-        return {k.replace("@300", f"@{max_dets}"): float(v) for k, v in ev.results.items()}, ev.eval[
-            "precision"
-        ]
+        return {k.replace("@300", f"@{max_dets}"): v for k, v in summary.items()}, precision
 
     return run
 
