@@ -578,6 +578,9 @@ loader = [([torch.full((3, im["height"], im["width"]), float(im["id"]))], [{}],
 res = inference_on_dataset(_OracleModel(gt), loader, acc, sorted(c["id"] for c in gt["categories"]))
 with open(sys.argv[1] + f".{acc.process_index}", "w") as f:
     json.dump({"world": acc.num_processes, "results": res}, f)
+# Tear gloo down in step on both ranks: a rank exiting while the other still holds the group can abort.
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
