@@ -16,6 +16,10 @@ as compressed COCO RLE; ``bbox`` is the tight box of that mask (pycocotools ``to
 Command line::
 
     python -m divergen.synthetic --root data/synthetic --num-train 300 --num-val 60
+    python -m divergen.synthetic --root data/synthetic --pool-per-category 40 --pool-corrupt-fraction 0.3
+
+``--pool-per-category N`` (default 0: none) also writes a "generated" instance pool of the same categories
+and seed to ``<root>/pool``, with ``--pool-corrupt-fraction`` of it corrupted (`divergen.synthetic_pool`).
 """
 
 from __future__ import annotations
@@ -612,10 +616,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, nargs=2, default=(256, 320), metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
+    parser.add_argument(
+        "--pool-per-category",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write a generated instance pool with N instances per category to <root>/pool (0: none)",
+    )
+    parser.add_argument(
+        "--pool-corrupt-fraction",
+        type=float,
+        default=0.3,
+        metavar="F",
+        help="fraction of the pool's instances corrupted (wrong label / noise / bad mask), in [0, 1)",
+    )
     args = vars(parser.parse_args(argv))
+    pool_per_category = args.pop("pool_per_category")
+    pool_corrupt_fraction = args.pop("pool_corrupt_fraction")
+    # Checked before drawing the dataset, so that a typo does not cost a full dataset run first.
+    if pool_per_category < 0:
+        parser.error(f"--pool-per-category must be >= 0, got {pool_per_category}")
+    if not 0 <= pool_corrupt_fraction < 1:
+        parser.error(f"--pool-corrupt-fraction must be in [0, 1), got {pool_corrupt_fraction}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args["image_size"] = tuple(args["image_size"])
-    paths = make_synthetic_lvis(args.pop("root"), progress=True, **args)
+    root = args.pop("root")
+    paths = make_synthetic_lvis(root, progress=True, **args)
+    if pool_per_category > 0:
+        # Imported here: synthetic_pool builds on this module (its categories and drawing helpers).
+        from .synthetic_pool import make_synthetic_pool
+
+        paths["pool"] = make_synthetic_pool(
+            Path(root) / "pool",
+            num_categories=args["num_categories"],
+            per_category=pool_per_category,
+            corrupt_fraction=pool_corrupt_fraction,
+            seed=args["seed"],
+            overwrite=args["overwrite"],
+            progress=True,
+        )
     for key, path in paths.items():
         logger.info("%s: %s", key, path)
 
