@@ -111,6 +111,9 @@ class ROIHeadsConfig:
     nms_thresh_test: float = 0.5
     detections_per_image: int = 300
     mult_proposal_score: bool = True  # final score = sqrt(mean stage prob · proposal score)
+    # Score only the first N classes at test time (0 = all): a DiverGen model trained on LVIS + 250 ImageNet
+    # classes (num_classes = 1453) is evaluated on LVIS's 1203, as the official truncates its classifier.
+    test_num_classes: int = 0
 
 
 @dataclass
@@ -149,6 +152,32 @@ class DataConfig:
     repeat_factor_threshold: float = 0.001  # LVIS repeat-factor sampling t
     num_workers: int = 4
     filter_empty: bool = True  # drop training images without annotations
+
+
+@dataclass
+class PasteConfig:
+    """``[paste]``: generated instances pasted into the training images (divergen.md §2; ``divergen.paste``)."""
+
+    enabled: bool = False
+    pool: str = ""  # pool.jsonl, a folder holding one, or an official {"<0-based cat>": ["*x.png", ...]} JSON
+    sample_type: str = "cas_random"  # "cas_random" | "random" | "cats_random" (INST_POOL_SAMPLE_TYPE)
+    max_samples: int = 20  # n ~ U{0, ..., max_samples - 1} instances per image
+    frequencies: list[str] = field(default_factory=lambda: ["r", "c", "f"])  # INST_POOL_FREQ
+    min_clip_score: float = -math.inf  # keep pool records with clip_score >= this (-inf = no filter)
+    min_inter_similarity: float = -math.inf  # keep records with clip_inter_sim >= this (DiverGen: 0.6)
+    generators: list[str] = field(default_factory=list)  # keep only these generators; [] = all
+    size_stats: str = ""  # an official area_mean_std2.json; "" = computed from data.train_json
+    max_rel_size: float = 0.5  # sqrt(relative area) clipped to [min_size_px / H, max_rel_size]
+    min_size_px: float = 10.0
+    aspect_jitter: float = 0.2
+    min_side: int = 5  # statistics-sized instances with a smaller side are not pasted
+    random_scale: bool = False  # always use the random scale (the fallback for classes without statistics)
+    random_scale_range: tuple[float, float] = (0.05, 0.3)
+    random_scale_min_side: int = 3
+    flip_prob: float = 0.5
+    blend: list[str] = field(default_factory=lambda: ["basic"])  # "basic" | "alpha" | "gaussian" (CP_METHOD)
+    box_moved_thresh: float = 10.0  # occluded instances whose box moved more than this ...
+    visible_pixels_thresh: int = 300  # ... and that keep at most this many pixels are dropped
 
 
 @dataclass
@@ -196,6 +225,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    paste: PasteConfig = field(default_factory=PasteConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -454,6 +484,11 @@ def validate(cfg: Any, *, where: str = "") -> None:
         errors.append(
             f"model.roi_heads.box_loss_norm = {roi.box_loss_norm!r}: expected 'foreground' or 'sampled'"
         )
+    if roi.test_num_classes < 0 or roi.test_num_classes > m.num_classes:
+        errors.append(
+            f"model.roi_heads.test_num_classes = {roi.test_num_classes}: expected 0 (all) .. model.num_classes"
+        )
+    errors += _paste_errors(cfg.paste)
     lo, hi = cfg.data.scale_range
     if not 0.0 < lo <= hi:
         errors.append(f"data.scale_range = {list(cfg.data.scale_range)}: expected 0 < min <= max")
@@ -464,6 +499,34 @@ def validate(cfg: Any, *, where: str = "") -> None:
             errors.append(f"train.{name} = {getattr(cfg.train, name)}: expected >= 1")
     if errors:
         raise ConfigError(f"invalid config {where}:\n  " + "\n  ".join(errors))
+
+
+def _paste_errors(p: PasteConfig) -> list[str]:
+    from .paste import BLEND_MODES, SAMPLE_TYPES
+
+    errors = []
+    if p.enabled and not p.pool:
+        errors.append("paste.enabled = true but paste.pool is empty: set it to a pool.jsonl or pool JSON")
+    if p.sample_type not in SAMPLE_TYPES:
+        errors.append(f"paste.sample_type = {p.sample_type!r}: expected one of {list(SAMPLE_TYPES)}")
+    if p.max_samples < 1:
+        errors.append(
+            f"paste.max_samples = {p.max_samples}: expected >= 1 (n is drawn from 0..max_samples-1)"
+        )
+    if not p.frequencies or any(f not in ("r", "c", "f") for f in p.frequencies):
+        errors.append(f"paste.frequencies = {p.frequencies}: expected a non-empty subset of ['r', 'c', 'f']")
+    if not p.blend or any(b not in BLEND_MODES for b in p.blend):
+        errors.append(f"paste.blend = {p.blend}: expected a non-empty list of {list(BLEND_MODES)}")
+    lo, hi = p.random_scale_range
+    if not 0.0 < lo <= hi:
+        errors.append(f"paste.random_scale_range = {list(p.random_scale_range)}: expected 0 < min <= max")
+    if not 0.0 < p.max_rel_size <= 1.0:
+        errors.append(f"paste.max_rel_size = {p.max_rel_size}: expected a value in (0, 1]")
+    if not 0.0 <= p.aspect_jitter < 1.0:
+        errors.append(f"paste.aspect_jitter = {p.aspect_jitter}: expected a value in [0, 1)")
+    if not 0.0 <= p.flip_prob <= 1.0:
+        errors.append(f"paste.flip_prob = {p.flip_prob}: expected a probability")
+    return errors
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -393,6 +393,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         transform: a ``Transform`` (``train_transform(640)``, ``ResizeShortestEdge()``); ``None`` = identity.
         filter_empty: drop images without (non-crowd) annotations.
         load_masks: decode masks (training); evaluation reads its ground truth from the JSON instead.
+        paste: applied to every sample after the transform (``divergen.paste.InstancePaste``, needs masks):
+            the sample gains ``is_pasted`` (N,) bool.
+        return_original: with ``paste``, also return the same crop without the pasted instances, as
+            ``original`` = {image, boxes, labels, masks} (BSGAL trains on it when it rejects a pasted batch).
+
+    ``size_stats``: ``(C, 2)`` [mean, std] of sqrt(box area / image area) per category over the non-crowd
+    annotations, the statistics instance paste sizes its instances from (``divergen.paste.size_statistics``).
     """
 
     def __init__(
@@ -403,9 +410,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         transform: Transform | None,
         filter_empty: bool,
         load_masks: bool = True,
+        paste: Callable[[dict, np.random.Generator], dict] | None = None,
+        return_original: bool = False,
     ):
+        if paste is not None and not load_masks:
+            raise ValueError("instance paste needs the masks: load_masks=True")
         self.json_path, self.image_root = str(json_path), Path(image_root)
         self.transform, self.load_masks = transform, load_masks
+        self.paste, self.return_original = paste, return_original
         with open(json_path) as f:
             data = json.load(f)
         self.categories = CategoryInfo.from_annotations(data, json_path)
@@ -413,6 +425,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         sizes = {img["id"]: [img["height"], img["width"]] for img in data["images"]}
         anns_per_image: dict[int, list] = defaultdict(list)
         self.num_invalid_segmentations = 0
+        size_labels, rel_sizes = [], []
         for a in data.get("annotations", []):
             label = _category_index(a, index, json_path)
             if a["image_id"] not in sizes:
@@ -421,12 +434,20 @@ class DetectionDataset(torch.utils.data.Dataset):
                 )
             if a.get("iscrowd", 0):
                 continue
+            x, y, bw, bh = a["bbox"]
+            h, w = sizes[a["image_id"]]
+            size_labels.append(label)
+            rel_sizes.append(math.sqrt(max(bw * bh, 0.0) / (h * w)))
             segm = _checked_segmentation(a, sizes[a["image_id"]], json_path) if load_masks else None
             if load_masks and segm is None:
                 self.num_invalid_segmentations += 1
                 continue
-            x, y, bw, bh = a["bbox"]
             anns_per_image[a["image_id"]].append((label, [x, y, x + bw, y + bh], segm))
+        from .paste import size_statistics  # paste -> pool -> data: imported here, not at the top
+
+        self.size_stats = size_statistics(
+            np.array(size_labels), np.array(rel_sizes), self.categories.num_classes
+        )
         if self.num_invalid_segmentations:
             logger.warning(
                 f"{json_path}: dropped {self.num_invalid_segmentations} instances without a polygon"
@@ -492,6 +513,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         }
         if self.load_masks:
             item["masks"] = decode_masks([r["segms"][i] for i in keep.nonzero()[:, 0].tolist()], g)
+        if self.paste is not None:
+            pasted = self.paste(item, rng)
+            if self.return_original:
+                item["original"] = {k: item[k] for k in ("image", "boxes", "labels", "masks")}
+            item.update(pasted)
         return item
 
     def _read_image(self, path: Path, r: dict) -> Image.Image | None:
@@ -531,15 +557,19 @@ def _checked_segmentation(a: dict, image_size: list[int], path) -> list | dict |
 def collate(batch: Sequence[dict | None]) -> tuple[list[torch.Tensor], list[dict], list[dict]]:
     """Samples -> (images, targets, infos), each image at its own size (the model pads the batch).
 
-    images: (3, H_i, W_i) uint8; targets: ``boxes``, ``labels``, ``masks`` (when loaded); infos: ``image_id``,
-    ``file_name``, ``orig_size``, ``scale``. Skipped samples (``None``) are dropped: a batch may come out
+    images: (3, H_i, W_i) uint8; targets: ``boxes``, ``labels``, ``masks`` (when loaded), ``is_pasted`` (with
+    instance paste); infos: ``image_id``, ``file_name``, ``orig_size``, ``scale``, and ``original`` (the
+    un-pasted crop, when the dataset returns it). Skipped samples (``None``) are dropped: a batch may come out
     short, or empty if none of it was readable.
     """
     kept = [b for b in batch if b is not None]
     return (
         [b["image"] for b in kept],
-        [{k: b[k] for k in ("boxes", "labels", "masks") if k in b} for b in kept],
-        [{k: b[k] for k in ("image_id", "file_name", "orig_size", "scale")} for b in kept],
+        [{k: b[k] for k in ("boxes", "labels", "masks", "is_pasted") if k in b} for b in kept],
+        [
+            {k: b[k] for k in ("image_id", "file_name", "orig_size", "scale", "original") if k in b}
+            for b in kept
+        ],
     )
 
 

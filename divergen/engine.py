@@ -44,9 +44,9 @@ from .data import (
     RepeatFactorSampler,
     build_train_loader,
     load_category_image_counts,
-    train_transform,
 )
 from .model import build_model
+from .paste import EXTRA_CLASS_IMAGE_COUNT, build_train_dataset
 
 logger = get_logger(__name__)
 
@@ -358,22 +358,15 @@ def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: t
     return images, targets
 
 
-def _build_dataset(cfg: Config) -> DetectionDataset:
-    return DetectionDataset(
-        cfg.data.train_json,
-        cfg.data.train_image_root,
-        transform=train_transform(cfg.data.train_size, tuple(cfg.data.scale_range)),
-        filter_empty=cfg.data.filter_empty,
-        load_masks=cfg.model.roi_heads.mask_on,
-    )
-
-
 def _build_model(cfg: Config, dataset: DetectionDataset) -> nn.Module:
     """The model with the optional initial weights and its federated-loss weights; identical on every rank."""
-    if dataset.categories.num_classes != cfg.model.num_classes:
+    num_data_classes = dataset.categories.num_classes
+    if num_data_classes > cfg.model.num_classes or (
+        num_data_classes < cfg.model.num_classes and not cfg.paste.enabled
+    ):
         raise ValueError(
-            f"{cfg.data.train_json} has {dataset.categories.num_classes} categories but model.num_classes = "
-            f"{cfg.model.num_classes}"
+            f"{cfg.data.train_json} has {num_data_classes} categories but model.num_classes = "
+            f"{cfg.model.num_classes} (more classes than the dataset's are for pasted extra categories only)"
         )
     model = build_model(cfg.model)
     if cfg.model.weights:
@@ -389,6 +382,9 @@ def _build_model(cfg: Config, dataset: DetectionDataset) -> nn.Module:
         counts = load_category_image_counts(cfg.model.fed_loss_cat_info, cfg.model.num_classes)
     else:
         counts = torch.tensor(dataset.categories.image_count, dtype=torch.float32)
+        # Extra (pasted-only) classes: the image count the official DiverGen metadata gives its ImageNet classes.
+        extra = cfg.model.num_classes - num_data_classes
+        counts = torch.cat([counts, torch.full((extra,), EXTRA_CLASS_IMAGE_COUNT)])
     model.roi_heads.set_fed_loss_weights(counts)
     return model
 
@@ -450,7 +446,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
         f"{tc.batch_size} images per iteration; mixed precision {accelerator.mixed_precision}; {accelerator.device}"
     )
 
-    dataset = _build_dataset(cfg)
+    dataset = build_train_dataset(cfg)
     set_seed(tc.seed)  # the same initial weights on every rank
     model = _build_model(cfg, dataset).to(accelerator.device)
     # The official code copies the EMA before loading the initial weights, so its EMA starts from random init
@@ -487,12 +483,26 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
         n = torch.tensor([float(dataset.num_skipped)], device=accelerator.device)
         return skipped_before + int(accelerator.reduce(n, reduction="sum").item())
 
+    def paste_stats() -> dict[str, float]:  # this rank's pasted instances per image since the last call
+        if dataset.paste is None:
+            return {}
+        (instances, images), pasted[:] = pasted, [0, 0]
+        return {
+            "pasted_per_image": instances / max(images, 1),
+            "skipped_pool_files": dataset.paste.pool.num_skipped,
+        }
+
+    pasted = [0, 0]  # pasted instances, images
+
     def next_batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         # A batch whose images were all unreadable comes back empty; if that happens on any rank, every rank
         # draws again, so that ranks stay in step and draw the same number of batches (exact resume).
         while True:
             images, targets, _ = next(batches)
             state.batches_consumed += 1
+            if dataset.paste is not None:
+                pasted[0] += sum(int(t["is_pasted"].sum()) for t in targets)
+                pasted[1] += len(targets)
             if not _any_rank(accelerator, len(images) == 0):
                 return _to_device(images, targets, accelerator.device)
             logger.warning("an empty batch (every image unreadable) on some rank; all ranks draw again")
@@ -523,7 +533,9 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
         last = it + 1 == tc.max_iter
         if (tc.log_period > 0 and (it + 1) % tc.log_period == 0) or last:
             record = {"iteration": it + 1, **window.means(accelerator), "lr": lr, **window.timings()}
-            record.update(skipped_images=skipped_images(), nonfinite_steps=state.nonfinite_steps)
+            record.update(
+                skipped_images=skipped_images(), nonfinite_steps=state.nonfinite_steps, **paste_stats()
+            )
             if main:
                 metrics_log.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "iteration"}, step=it + 1)

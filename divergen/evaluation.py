@@ -373,11 +373,13 @@ def run_evaluation(
         load_masks=False,
     )
     model = accelerator.unwrap_model(model)
-    num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", None)
+    num_classes = getattr(getattr(model, "roi_heads", None), "test_num_classes", None)
     if num_classes is not None and num_classes != dataset.categories.num_classes:
         raise ValueError(
-            f"the model has num_classes={num_classes} but {val_json} has {dataset.categories.num_classes} "
-            "categories (labels are indices into the file's categories sorted by id): set model.num_classes"
+            f"the model scores {num_classes} classes at test time but {val_json} has "
+            f"{dataset.categories.num_classes} categories (labels are indices into the file's categories sorted "
+            "by id): set model.num_classes, or model.roi_heads.test_num_classes for a model trained on extra "
+            "classes"
         )
     loader = build_test_loader(
         dataset,

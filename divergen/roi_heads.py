@@ -396,6 +396,9 @@ class CascadeROIHeads(nn.Module):
         mask_on, mask_pooler_resolution, mask_num_conv, mask_conv_dim: the mask head (output 2 × resolution).
         score_thresh_test, nms_thresh_test, detections_per_image: ``fast_rcnn_inference``.
         mult_proposal_score: multiply the stage-averaged probabilities by the proposal score (then sqrt).
+        test_num_classes: score only classes ``[0, test_num_classes)`` at test time (0 = all): the official
+            DiverGen model, trained on LVIS + 250 ImageNet classes, truncates its classifier to LVIS's before
+            evaluation; dropping the columns of a sigmoid classifier is the same thing.
     """
 
     def __init__(
@@ -423,6 +426,7 @@ class CascadeROIHeads(nn.Module):
         nms_thresh_test: float = 0.5,
         detections_per_image: int = 300,
         mult_proposal_score: bool = True,
+        test_num_classes: int = 0,
     ):
         super().__init__()
         if len(cascade_ious) != len(bbox_reg_weights):
@@ -443,6 +447,9 @@ class CascadeROIHeads(nn.Module):
         self.score_thresh_test, self.nms_thresh_test = score_thresh_test, nms_thresh_test
         self.detections_per_image = detections_per_image
         self.mult_proposal_score = mult_proposal_score
+        if not 0 <= test_num_classes <= num_classes:
+            raise ValueError(f"test_num_classes must be in [0, {num_classes}], got {test_num_classes}")
+        self.test_num_classes = test_num_classes or num_classes
         self.box_head = nn.ModuleList(
             BoxHead(in_channels=in_channels, resolution=pooler_resolution, fc_dim=fc_dim, num_fc=num_fc)
             for _ in range(self.num_stages)
@@ -632,6 +639,8 @@ class CascadeROIHeads(nn.Module):
             boxes = [clip_boxes(b, s) for b, s in zip(pred.split(counts), image_sizes, strict=True)]
         # The official expression (python sum, then × 1/num_stages), for bit parity.
         scores = sum(probs) * (1.0 / self.num_stages)
+        if self.test_num_classes < self.num_classes:  # keep the background column: it is dropped later
+            scores = torch.cat([scores[:, : self.test_num_classes], scores[:, -1:]], dim=1)
         if self.mult_proposal_score:
             proposal_scores = torch.cat([p["scores"].float() for p in proposals])
             scores = (scores * proposal_scores[:, None]) ** 0.5

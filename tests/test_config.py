@@ -128,7 +128,9 @@ def test_config_to_dict_is_plain_and_json_serialisable():
 # The shipped configs
 
 
-@pytest.mark.parametrize("name", ["r50", "swinl", "tiny"])
+@pytest.mark.parametrize(
+    "name", ["r50", "swinl", "tiny", "demo", "divergen_swinl", "bsgal_r50", "bsgal_swinl"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.toml")
     assert isinstance(cfg, Config)
@@ -151,6 +153,24 @@ def test_shipped_configs_hold_the_variants():
         and tiny.model.fpn_channels % 32 == 0
     )
     assert tiny.model.roi_heads.fed_loss_num_cat < tiny.model.num_classes + 1
+    assert not r50.paste.enabled and not swinl.paste.enabled and not tiny.paste.enabled
+
+
+def test_shipped_paste_configs():
+    """divergen.md §2-§3, bsgal.md §6: the baselines plus instance paste; DiverGen adds 250 classes."""
+    r50, swinl = load_config(CONFIGS / "r50.toml"), load_config(CONFIGS / "swinl.toml")
+    divergen, bsgal_r50, bsgal_swinl = (
+        load_config(CONFIGS / f"{n}.toml") for n in ("divergen_swinl", "bsgal_r50", "bsgal_swinl")
+    )
+    for cfg, base in ((divergen, swinl), (bsgal_r50, r50), (bsgal_swinl, swinl)):
+        p = cfg.paste
+        assert (
+            p.enabled and p.pool and (p.sample_type, p.max_samples, p.blend) == ("cas_random", 20, ["basic"])
+        )
+        assert cfg.data == base.data and cfg.solver == base.solver and cfg.model.swin == base.model.swin
+    assert (divergen.model.num_classes, divergen.model.roi_heads.test_num_classes) == (1453, 1203)
+    assert divergen.paste.min_inter_similarity == 0.6
+    assert bsgal_r50.model == r50.model and bsgal_swinl.model == swinl.model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,6 +356,12 @@ def test_invalid_toml_names_the_file(tmp_path):
         (["model.roi_heads.box_loss_norm=mean"], "'foreground' or 'sampled'"),
         (["solver.ema_decay=1"], r"ema_decay = 1\.0"),
         (["train.batch_size=0"], "train.batch_size = 0"),
+        (["paste.enabled=true"], "paste.pool is empty"),
+        (["paste.sample_type=uniform"], "paste.sample_type = 'uniform'"),
+        (["paste.blend=['poisson']"], r"paste\.blend"),
+        (["paste.frequencies=['x']"], r"paste\.frequencies"),
+        (["paste.max_samples=0"], "paste.max_samples = 0"),
+        (["model.roi_heads.test_num_classes=2000"], "test_num_classes = 2000"),
     ],
 )
 def test_semantic_constraints(tmp_path, overrides, match):

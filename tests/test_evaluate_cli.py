@@ -279,8 +279,13 @@ def test_run_evaluation_class_count_mismatch(synthetic, tmp_path):
     model = build_model(dataclasses.replace(cfg.model, num_classes=NUM_CATEGORIES + 2))
     from accelerate import Accelerator
 
-    with pytest.raises(ValueError, match=r"num_classes=7 but .* has 5 categories"):
+    with pytest.raises(ValueError, match=r"scores 7 classes at test time but .* has 5 categories"):
         run_evaluation(model, cfg, Accelerator(cpu=True), tmp_path / "out")
+    # A model trained on extra (pasted-only) classes is evaluated on the dataset's: test_num_classes.
+    roi = dataclasses.replace(cfg.model.roi_heads, test_num_classes=NUM_CATEGORIES)
+    model = build_model(dataclasses.replace(cfg.model, num_classes=NUM_CATEGORIES + 2, roi_heads=roi))
+    metrics = run_evaluation(model, cfg, Accelerator(cpu=True), tmp_path / "out2")
+    assert metrics is not None and "bbox" in metrics
     missing = dataclasses.replace(cfg.data, val_json=str(tmp_path / "absent.json"))
     with pytest.raises(FileNotFoundError, match="data.val_json"):
         run_evaluation(model, dataclasses.replace(cfg, data=missing), Accelerator(cpu=True), tmp_path)

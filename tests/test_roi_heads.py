@@ -531,6 +531,22 @@ def test_inference_scores_formula():
     )
 
 
+def test_test_num_classes_scores_only_the_first_classes():
+    """Truncating the classifier (DiverGen's 1453 -> 1203 classes at evaluation) = dropping the extra columns:
+    the detections of the kept classes are those of the full model, minus the extras."""
+    full = _tiny_heads(score_thresh_test=0.0, detections_per_image=-1).eval()
+    truncated = _tiny_heads(score_thresh_test=0.0, detections_per_image=-1, test_num_classes=3).eval()
+    truncated.load_state_dict(full.state_dict())
+    feats, proposals, sizes, _ = _train_case()
+    for a, b in zip(full(feats, proposals, sizes), truncated(feats, proposals, sizes), strict=True):
+        keep = a["labels"] < 3
+        assert keep.sum() < len(keep) and len(b["labels"]) == int(keep.sum())
+        for key in ("boxes", "scores", "labels", "mask_probs"):
+            torch.testing.assert_close(b[key], a[key][keep])
+    with pytest.raises(ValueError, match="test_num_classes"):
+        _tiny_heads(test_num_classes=6)
+
+
 # ----------------------------------------------------------------------------------------------- parity
 
 
