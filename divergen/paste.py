@@ -98,6 +98,7 @@ class Cutout:
         label: 0-based category.
         x, y: the cutout's top-left corner in image pixels; may be negative or run past the image (clipped).
         blend: "basic" (hard paste), "alpha" (alpha / 255) or "gaussian" (5×5 box-blurred mask).
+        pool_index: where it came from in the instance pool (-1: unknown).
     """
 
     rgb: np.ndarray
@@ -106,6 +107,7 @@ class Cutout:
     x: int
     y: int
     blend: str = "basic"
+    pool_index: int = -1
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
@@ -145,8 +147,9 @@ def paste_instances(
         cutouts: the instances to paste, in order.
 
     Returns:
-        ``boxes`` (M, 4) float32, ``labels`` (M,) int64, ``masks`` (M, H, W) bool, ``is_pasted`` (M,) bool:
-        the surviving real instances first (in their order), then the surviving pasted ones.
+        ``boxes`` (M, 4) float32, ``labels`` (M,) int64, ``masks`` (M, H, W) bool, ``is_pasted`` (M,) bool,
+        ``cutout_index`` (M,) int64 (the position in ``cutouts``, -1 for a real instance): the surviving real
+        instances first (in their order), then the surviving pasted ones.
     """
     _, height, width = image.shape
     n, p = len(boxes), len(cutouts)
@@ -162,8 +165,9 @@ def paste_instances(
     all_labels = np.concatenate([np.asarray(labels, dtype=np.int64), np.zeros(p, dtype=np.int64)])
     alive = np.zeros(n + p, dtype=bool)
     alive[:n] = True
+    cutout_index = np.full(n + p, -1, dtype=np.int64)
     mask_boxes = area = None  # computed at the first paste: until then the boxes are the annotations'
-    for c in cutouts:
+    for j, c in enumerate(cutouts):
         h, w = c.alpha.shape
         x0, y0, x1, y1 = max(c.x, 0), max(c.y, 0), min(c.x + w, width), min(c.y + h, height)
         if x0 >= x1 or y0 >= y1:
@@ -211,6 +215,7 @@ def paste_instances(
         cur_boxes[k] = mask_boxes[k] = (x0, y0, x1, y1)
         area[k] = np.count_nonzero(m)
         all_labels[k] = c.label
+        cutout_index[k] = j
         alive[k] = True
     if area is None:  # nothing pasted
         return {
@@ -218,6 +223,7 @@ def paste_instances(
             "labels": all_labels[:n],
             "masks": out[:n],
             "is_pasted": np.zeros(n, dtype=bool),
+            "cutout_index": cutout_index[:n],
         }
     keep = np.flatnonzero(alive[: len(planes)] & (area[: len(planes)] > 0))
     # Gather the kept masks into the first len(keep) planes of ``out``: real ones move forward only after a
@@ -236,6 +242,7 @@ def paste_instances(
         "labels": all_labels[keep],
         "masks": out[: len(keep)],
         "is_pasted": keep >= n,
+        "cutout_index": cutout_index[keep],
     }
 
 
@@ -382,13 +389,14 @@ class InstancePaste:
             blend = (
                 self.blend[int(rng.integers(0, len(self.blend)))] if len(self.blend) > 1 else self.blend[0]
             )
-            out.append(Cutout(rgba[..., :3], np.ascontiguousarray(rgba[..., 3]), label, x, y, blend))
+            out.append(Cutout(rgba[..., :3], np.ascontiguousarray(rgba[..., 3]), label, x, y, blend, index))
         return out
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         """Paste into a ``DetectionDataset`` sample (``image`` (3, H, W) uint8, ``boxes``, ``labels``,
-        ``masks``). Returns a new dict with those keys and ``is_pasted`` (N,) bool; the input is not modified,
-        so the caller keeps the un-pasted crop (BSGAL trains on it when it rejects the pasted batch)."""
+        ``masks``). Returns a new dict with those keys, ``is_pasted`` (N,) bool and ``pool_index`` (N,) int64
+        (each pasted instance's index in the pool, -1 for real ones); the input is not modified, so the caller
+        keeps the un-pasted crop (BSGAL trains on it when it rejects the pasted batch)."""
         image = sample["image"]
         labels = sample["labels"]
         cutouts = self.cutouts(rng, tuple(image.shape[1:]), labels.tolist())
@@ -399,6 +407,7 @@ class InstancePaste:
                 "labels": labels,
                 "masks": sample["masks"],
                 "is_pasted": torch.zeros(len(labels), dtype=torch.bool),
+                "pool_index": torch.full((len(labels),), -1, dtype=torch.int64),
             }
         pasted_image = image.numpy().copy()
         out = paste_instances(
@@ -410,7 +419,13 @@ class InstancePaste:
             box_moved_thresh=self.box_moved_thresh,
             visible_pixels_thresh=self.visible_pixels_thresh,
         )
-        return {"image": torch.from_numpy(pasted_image), **{k: torch.from_numpy(v) for k, v in out.items()}}
+        source = out.pop("cutout_index")
+        pool_index = np.where(source >= 0, np.array([c.pool_index for c in cutouts] + [-1])[source], -1)
+        return {
+            "image": torch.from_numpy(pasted_image),
+            **{k: torch.from_numpy(v) for k, v in out.items()},
+            "pool_index": torch.from_numpy(pool_index),
+        }
 
 
 # ------------------------------------------------------------------------------------------- building

@@ -378,6 +378,8 @@ def test_call_keeps_the_input_and_flags_pasted():
             assert torch.equal(sample[k], v), k
         assert out["is_pasted"].dtype == torch.bool and len(out["is_pasted"]) == len(out["labels"])
         assert set(out["labels"][out["is_pasted"]].tolist()) <= {2}
+        assert torch.equal(out["pool_index"] >= 0, out["is_pasted"])
+        assert set(out["pool_index"][out["is_pasted"]].tolist()) <= set(pool.instances_of(2).tolist())
         assert out["masks"].shape[1:] == (h, w) and out["image"].shape == (3, h, w)
         seen += int(out["is_pasted"].sum())
     assert seen > 0
