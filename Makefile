@@ -2,6 +2,7 @@
 #   make venv    .venv with requirements.txt (only if .venv is missing)
 #   make test    the test suite (as CI runs it)
 #   make demo    synthetic data -> train configs/demo.toml -> evaluate its final EMA weights (LVIS AP table)
+#   make demo-paste   the same run with the synthetic "generated" instance pool pasted in ([paste] enabled)
 #   make lint    ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -10,8 +11,9 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG := configs/demo.toml
 DEMO_DATA := data/synthetic
 DEMO_OUTPUT := output/demo
+DEMO_PASTE_OUTPUT := output/demo_paste
 
-.PHONY: venv test demo lint
+.PHONY: venv test demo demo-paste demo-data lint
 
 venv: $(PY)
 
@@ -29,11 +31,20 @@ test: venv
 DEMO_THREADS ?= 1
 
 # --weights $(DEMO_OUTPUT): the run's latest checkpoint (the final one), EMA weights preferred.
-demo: venv
-	$(PY) -m divergen.synthetic --root $(DEMO_DATA)
+demo: demo-data
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config $(DEMO_CONFIG) --set train.output_dir=$(DEMO_OUTPUT)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) evaluate.py --config $(DEMO_CONFIG) --weights $(DEMO_OUTPUT) \
 		--output $(DEMO_OUTPUT)/inference
+
+demo-paste: demo-data
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config $(DEMO_CONFIG) --set paste.enabled=true \
+		--set train.output_dir=$(DEMO_PASTE_OUTPUT)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) evaluate.py --config $(DEMO_CONFIG) --weights $(DEMO_PASTE_OUTPUT) \
+		--output $(DEMO_PASTE_OUTPUT)/inference
+
+# The dataset and its "generated" instance pool (40 cutouts per category, 30% corrupted); kept if up to date.
+demo-data: venv
+	$(PY) -m divergen.synthetic --root $(DEMO_DATA) --pool-per-category 40
 
 lint: venv
 	$(VENV)/bin/ruff check .
