@@ -8,6 +8,9 @@ depend on the number of workers and a resumed run (first batches skipped) replay
 
 Bad input: an unreadable image makes ``__getitem__`` return ``None`` (logged with the file name, counted in
 ``DetectionDataset.num_skipped``); ``collate`` drops it. A broken annotation file fails at construction.
+
+BSGAL (reference/bsgal.md §1.2 step 0): with ``return_reference`` every training sample also carries a reference
+sample, another real training image chosen through one of the classes pasted into it (``reference_sample``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ EMPTY_BOX_THRESHOLD = 1e-5
 # LVIS frequency groups (LVIS paper §3): rare = 1-10 training images, common = 11-100, frequent = >100.
 RARE_MAX_IMAGES, COMMON_MAX_IMAGES = 10, 100
 SKIP_COUNTER_SLOTS = 65  # the main process + up to 64 loader workers
+# An unreadable reference image is replaced by a new draw (class, then image) this many times in all.
+REFERENCE_TRIES = 4
 
 
 def load_category_image_counts(path: str | os.PathLike, num_classes: int) -> torch.Tensor:
@@ -394,12 +399,18 @@ class DetectionDataset(torch.utils.data.Dataset):
         filter_empty: drop images without (non-crowd) annotations.
         load_masks: decode masks (training); evaluation reads its ground truth from the JSON instead.
         paste: applied to every sample after the transform (``divergen.paste.InstancePaste``, needs masks):
-            the sample gains ``is_pasted`` (N,) bool.
+            the sample gains ``is_pasted`` (N,) bool and ``pool_index`` (N,) int64 (-1 for real instances).
         return_original: with ``paste``, also return the same crop without the pasted instances, as
             ``original`` = {image, boxes, labels, masks} (BSGAL trains on it when it rejects a pasted batch).
+        return_reference: also return ``reference``, BSGAL's reference sample of this image
+            (``reference_sample``; ``None`` when there is none), drawn with the sample's own generator.
 
     ``size_stats``: ``(C, 2)`` [mean, std] of sqrt(box area / image area) per category over the non-crowd
     annotations, the statistics instance paste sizes its instances from (``divergen.paste.size_statistics``).
+
+    ``class_image_indptr`` ``(C + 1,)`` int64 and ``class_image_indices`` int64: the images containing each
+    category in CSR form, ascending (``images_of``). Two numpy arrays rather than a dict of lists, so that
+    loader workers share them copy-on-write at LVIS scale (100k images, 1203 classes).
     """
 
     def __init__(
@@ -412,12 +423,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         load_masks: bool = True,
         paste: Callable[[dict, np.random.Generator], dict] | None = None,
         return_original: bool = False,
+        return_reference: bool = False,
     ):
         if paste is not None and not load_masks:
             raise ValueError("instance paste needs the masks: load_masks=True")
         self.json_path, self.image_root = str(json_path), Path(image_root)
         self.transform, self.load_masks = transform, load_masks
-        self.paste, self.return_original = paste, return_original
+        self.paste, self.return_original, self.return_reference = paste, return_original, return_reference
         with open(json_path) as f:
             data = json.load(f)
         self.categories = CategoryInfo.from_annotations(data, json_path)
@@ -463,6 +475,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         # Per-image category sets and orientation, for the repeat-factor sampler and aspect-ratio grouping.
         self.image_categories = [sorted(set(r["labels"])) for r in records]
         self.is_wide = np.array([r["width"] > r["height"] for r in records], dtype=bool)
+        self.class_image_indptr, self.class_image_indices = _class_image_index(
+            self.image_categories, self.categories.num_classes
+        )
         self._records = _SerializedList(records)
         # A counter slot per process (0 = main, w + 1 = worker w) in shared memory: the workers' counts show
         # here under fork and spawn alike, and within a loader no two processes write the same slot.
@@ -481,6 +496,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         """The stored record of image ``index``: id, file, height, width, labels, boxes (xyxy), segms."""
         return self._records[index]
 
+    def images_of(self, category: int) -> np.ndarray:
+        """``(n,)`` int64, ascending: the images (dataset indices) that contain ``category``; empty for a
+        category without training images or outside ``[0, num_classes)`` (e.g. a pasted extra class)."""
+        if not 0 <= category < self.categories.num_classes:
+            return self.class_image_indices[:0]
+        return self.class_image_indices[
+            self.class_image_indptr[category] : self.class_image_indptr[category + 1]
+        ]
+
     def reseed(self, seed: int) -> None:
         """Seed the generator used for integer keys (``worker_init_fn`` calls it in every worker)."""
         self._rng = np.random.default_rng(seed)
@@ -492,6 +516,50 @@ class DetectionDataset(torch.utils.data.Dataset):
             if self._rng is None:
                 self.reseed(torch.initial_seed())
             index, rng = key, self._rng
+        return self._load(index, rng, paste=True)
+
+    def reference_sample(
+        self, labels: Sequence[int], rng: np.random.Generator, *, fallback_labels: Sequence[int] = ()
+    ) -> dict | None:
+        """BSGAL's reference sample (reference/bsgal.md §1.2 step 0, ``ACTIVE_TEST='select'``).
+
+        A class c uniformly among the distinct ``labels`` (the classes pasted into the training image), then a
+        training image uniformly among those containing c (``images_of``), through the same ``transform`` (a new
+        draw from ``rng``), with all its GT and nothing pasted. Classes without a training image (pasted extra
+        classes) are not candidates; when none is left, the distinct ``fallback_labels`` (the image's own) are;
+        when none of those either, ``None``. An unreadable image is replaced by a new draw of class and image,
+        ``REFERENCE_TRIES`` times in all, then ``None``. (The official redraws a class among all 1203 where this
+        falls back to the image's own labels, and takes the classes of all the sampled pool instances where
+        ``labels`` are those of the pasted instances that survived.)
+
+        Returns:
+            ``image`` (3, H, W) uint8, ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64, ``masks`` (N, H, W)
+            bool (with ``load_masks``), ``image_id``; or ``None``.
+        """
+        candidates = self._reference_classes(labels)
+        if len(candidates) == 0:
+            candidates = self._reference_classes(fallback_labels)
+        if len(candidates) == 0:
+            return None
+        for _ in range(REFERENCE_TRIES):
+            images = self.images_of(int(candidates[rng.integers(0, len(candidates))]))
+            item = self._load(int(images[rng.integers(0, len(images))]), rng, paste=False)
+            if item is not None:
+                return {k: item[k] for k in ("image", "boxes", "labels", "masks", "image_id") if k in item}
+        return None
+
+    def _reference_classes(self, labels: Sequence[int]) -> np.ndarray:
+        """The distinct ``labels`` that have at least one training image, ascending."""
+        labels = np.unique(np.asarray(labels, dtype=np.int64))
+        labels = labels[(labels >= 0) & (labels < self.categories.num_classes)]
+        return labels[self.class_image_indptr[labels + 1] > self.class_image_indptr[labels]]
+
+    def _load(self, index: int, rng: np.random.Generator, *, paste: bool) -> dict | None:
+        """Image ``index`` through the transform (drawn from ``rng``); ``None`` if unreadable.
+
+        ``paste``: a training sample: paste into it (keeping ``original`` with ``return_original``) and draw its
+        ``reference`` (with ``return_reference``). ``False``: the plain sample (a reference itself).
+        """
         r = self._records[index]
         path = self.image_root / r["file"]
         image = self._read_image(path, r)
@@ -513,11 +581,19 @@ class DetectionDataset(torch.utils.data.Dataset):
         }
         if self.load_masks:
             item["masks"] = decode_masks([r["segms"][i] for i in keep.nonzero()[:, 0].tolist()], g)
+        if not paste:
+            return item
+        # The crop's own labels before paste (paste may drop occluded ones): the reference's fallback classes.
+        own_labels = item["labels"].tolist()
         if self.paste is not None:
             pasted = self.paste(item, rng)
             if self.return_original:
                 item["original"] = {k: item[k] for k in ("image", "boxes", "labels", "masks")}
             item.update(pasted)
+        if self.return_reference:
+            is_pasted = item.get("is_pasted")
+            pasted_labels = item["labels"][is_pasted].tolist() if is_pasted is not None else []
+            item["reference"] = self.reference_sample(pasted_labels, rng, fallback_labels=own_labels)
         return item
 
     def _read_image(self, path: Path, r: dict) -> Image.Image | None:
@@ -533,6 +609,21 @@ class DetectionDataset(torch.utils.data.Dataset):
         self._skipped[0 if worker is None else 1 + worker.id % (SKIP_COUNTER_SLOTS - 1)] += 1
         logger.warning(f"skipping image id {r['id']} ({path}): {reason}")
         return None
+
+
+def _class_image_index(
+    image_categories: Sequence[Sequence[int]], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image category lists -> CSR ``(indptr (C + 1,), indices)`` int64: the images of class c are
+    ``indices[indptr[c]:indptr[c + 1]]``, ascending (a stable sort of the flattened lists by class)."""
+    counts = np.fromiter((len(c) for c in image_categories), dtype=np.int64, count=len(image_categories))
+    classes = np.fromiter(
+        (c for cats in image_categories for c in cats), dtype=np.int64, count=int(counts.sum())
+    )
+    images = np.repeat(np.arange(len(image_categories), dtype=np.int64), counts)
+    indptr = np.zeros(num_classes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(classes, minlength=num_classes), out=indptr[1:])
+    return indptr, images[np.argsort(classes, kind="stable")]
 
 
 def _checked_segmentation(a: dict, image_size: list[int], path) -> list | dict | None:
@@ -558,16 +649,29 @@ def collate(batch: Sequence[dict | None]) -> tuple[list[torch.Tensor], list[dict
     """Samples -> (images, targets, infos), each image at its own size (the model pads the batch).
 
     images: (3, H_i, W_i) uint8; targets: ``boxes``, ``labels``, ``masks`` (when loaded), ``is_pasted`` (with
-    instance paste); infos: ``image_id``, ``file_name``, ``orig_size``, ``scale``, and ``original`` (the
-    un-pasted crop, when the dataset returns it). Skipped samples (``None``) are dropped: a batch may come out
-    short, or empty if none of it was readable.
+    instance paste); infos: ``image_id``, ``file_name``, ``orig_size``, ``scale``, ``pool_index`` (with instance
+    paste), ``original`` (the un-pasted crop) and ``reference`` (BSGAL's reference sample, possibly ``None``) when
+    the dataset returns them. Skipped samples (``None``) are dropped: a batch may come out short, or empty if none
+    of it was readable.
     """
     kept = [b for b in batch if b is not None]
     return (
         [b["image"] for b in kept],
         [{k: b[k] for k in ("boxes", "labels", "masks", "is_pasted") if k in b} for b in kept],
         [
-            {k: b[k] for k in ("image_id", "file_name", "orig_size", "scale", "original") if k in b}
+            {
+                k: b[k]
+                for k in (
+                    "image_id",
+                    "file_name",
+                    "orig_size",
+                    "scale",
+                    "original",
+                    "pool_index",
+                    "reference",
+                )
+                if k in b
+            }
             for b in kept
         ],
     )

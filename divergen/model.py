@@ -6,6 +6,7 @@ conventions (DESIGN.md, "Public API"):
 
     model.train(); losses = model(images, targets)   # dict of the 10 official loss terms
     model.eval();  outputs = model(images)           # list of dict(boxes, scores, labels, masks)
+    losses = model.reference_cls_loss(images, targets)  # BSGAL's reference loss: loss_cls_stage{k}
 """
 
 from __future__ import annotations
@@ -146,6 +147,57 @@ class CenterNet2(nn.Module):
                 postprocess(d, size, out_size)
                 for d, size, out_size in zip(detections, sizes, output_sizes or sizes)
             ]
+
+    def reference_cls_loss(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Tensor]],
+        *,
+        backbone_eval: bool = True,
+    ) -> dict[str, Tensor]:
+        """BSGAL's reference loss on a batch of real reference images (reference/bsgal.md §1.2 step 1).
+
+        The input checks and preprocessing of ``forward``, the backbone and FPN, then
+        ``CascadeROIHeads.reference_cls_loss`` on p3-p5: the GT boxes are the stage-0 RoIs, the loss is the cls
+        loss of each stage over all classes. No proposal stage runs, so its parameters get no gradient (nor does
+        the mask head, nor any box regressor). The heads follow ``forward``'s autocast handling (``amp_heads``).
+
+        Arguments:
+            images: list of ``(3, H_i, W_i)`` RGB tensors, uint8 or float, values 0..255.
+            targets: per image ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) int64 0-based (``masks`` are not
+                needed); boxes with no area are dropped.
+            backbone_eval: run the backbone (trunk and FPN) in ``eval()`` mode, as the official scoring forwards
+                do: it turns Swin's drop-path off (FrozenBN ResNets do not change). Every backbone module's
+                previous mode is restored afterwards, also when the call raises.
+
+        Returns:
+            ``loss_cls_stage{k}``, fp32 scalars.
+        """
+        _check_images(images)
+        # Only boxes and labels are used: the masks a reference sample carries are not moved to the device.
+        targets = _check_targets(
+            [{k: t[k] for k in ("boxes", "labels") if k in t} for t in targets],
+            images,
+            num_classes=self.roi_heads.num_classes,
+            need_masks=False,
+            device=self.device,
+        )
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        try:
+            if backbone_eval:
+                self.backbone.eval()
+            batch, sizes = self.preprocess(images)
+            with record_function("backbone"):
+                features = self.backbone(batch)
+            heads_ctx = nullcontext() if self.amp_heads else torch.autocast(batch.device.type, enabled=False)
+            with heads_ctx, record_function("roi_heads"):
+                if not self.amp_heads:
+                    features = [f.float() for f in features]
+                losses = self.roi_heads.reference_cls_loss(features[:3], sizes, targets)
+            return {k: v.float() for k, v in losses.items()}
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 def postprocess(

@@ -568,6 +568,50 @@ class CascadeROIHeads(nn.Module):
             losses["loss_mask"] = self._mask_loss(features, stage0, targets)
         return losses
 
+    def reference_cls_loss(
+        self, features: list[Tensor], image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """BSGAL's reference loss: the cascade's classification losses with the GT boxes as the only RoIs
+        (reference/bsgal.md §1.2 step 1: ``ACTIVE_ONLY_GT_TEST``, ``ACTIVE_LOSS='cls'``).
+
+        Stage 0's RoIs are exactly the GT boxes, each labelled with its own class: no proposals, no background
+        RoIs, no sampling. Stage k > 0 takes stage k-1's regressed boxes of those RoIs (detached, clipped,
+        non-empty) re-matched to the GT at ``cascade_ious[k]``, as in training. Each stage's loss is the sigmoid
+        CE over all C classes (no federated class sampling: the official ``no_grad_losses``), summed over the
+        RoIs / their number, so it draws no random numbers. An image without GT contributes no RoI (the official
+        falls back to proposals and sampling for the whole batch then); with no RoI at all every loss is a zero
+        that still backpropagates (into the heads' parameters).
+
+        Arguments:
+            features: ``[p3, p4, p5]`` of the padded batch, ``(B, C, H_l, W_l)``.
+            image_sizes: per image ``(h, w)`` of the unpadded image.
+            targets: per image ``boxes`` ``(N, 4)`` float XYXY (non-empty), ``labels`` ``(N,)`` int64 0-based.
+
+        Returns:
+            ``loss_cls_stage{k}`` for every stage, scalars.
+        """
+        if len(features) != len(self.strides) or not (
+            len(targets) == len(image_sizes) == features[0].shape[0]
+        ):
+            raise ValueError(
+                f"expected {len(self.strides)} feature maps (got {len(features)}) and one target and image size "
+                f"per image ({features[0].shape[0]}; got {len(targets)} and {len(image_sizes)})"
+            )
+        rois = []
+        for t in targets:
+            labels = t["labels"].long()
+            gt_index = torch.arange(len(labels), device=labels.device)
+            rois.append((t["boxes"].detach().float(), gt_index, labels))
+        losses: dict[str, Tensor] = {}
+        deltas = None
+        for k in range(self.num_stages):
+            if k > 0:
+                rois = self._next_stage_rois(k, rois, deltas, image_sizes, targets)
+            logits, deltas = self.run_stage(k, features, [r[0] for r in rois])
+            gt_classes = torch.cat([r[2] for r in rois]).to(logits.device)
+            losses[f"loss_cls_stage{k}"] = sigmoid_ce_loss(logits, gt_classes)
+        return losses
+
     @torch.no_grad()
     def _next_stage_rois(self, k, rois, deltas, image_sizes, targets) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Stage k trains on stage k-1's regressed boxes: detached, clipped, non-empty, matched at IoU_k."""
