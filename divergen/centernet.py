@@ -16,6 +16,8 @@ the level stride** (centernet2.md §6.3).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -348,10 +350,28 @@ def giou_loss_ltrb(pred: Tensor, target: Tensor) -> Tensor:
     return 1 - gious
 
 
+_LOCAL_NORMALIZATION = contextvars.ContextVar("centernet_local_normalization", default=False)
+
+
+@contextlib.contextmanager
+def local_loss_normalization():
+    """Inside: the CenterNet losses are normalised by this process's own positives, without the all-reduce.
+
+    BSGAL's per-process decisions make processes run different numbers of forward passes (a rejected batch is
+    forwarded again without its pasted instances); a collective inside the forward would then deadlock.
+    """
+    token = _LOCAL_NORMALIZATION.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_NORMALIZATION.reset(token)
+
+
 def _global_average_counts(num_pos: int, num_reg: int, device: torch.device) -> tuple[float, float]:
-    """(num_pos, num_reg) summed over ranks / world size, each at least 1 (official ``reduce_sum``)."""
+    """(num_pos, num_reg) summed over ranks / world size, each at least 1 (official ``reduce_sum``); this
+    process's own counts inside ``local_loss_normalization``."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
+    if world == 1 or _LOCAL_NORMALIZATION.get():
         return max(float(num_pos), 1.0), max(float(num_reg), 1.0)
     counts = torch.tensor([float(num_pos), float(num_reg)], device=device)
     dist.all_reduce(counts)

@@ -181,6 +181,49 @@ class PasteConfig:
 
 
 @dataclass
+class BSGALConfig:
+    """``[bsgal]``: online contribution estimation and selection of the pasted generated instances (bsgal.md).
+
+    Each iteration, on each process (``sync = "local"``, the official) or once for the global batch
+    (``"global"``), the pasted batch is accepted or rejected as a whole; a rejected one trains on the same crops
+    without the pasted instances. Needs ``[paste] enabled``.
+    """
+
+    enabled: bool = False
+    # "grad_cache": cosine of a candidate gradient with a cached real-data gradient (BSGAL_R50, bsgal.md §1.2);
+    # "lookahead": one SGD step on the pasted batch and one on the original, reference losses compared, weights
+    # restored (the loss estimate of BSGAL_SwinL, Algorithm 2, bsgal.md §3): no gradient vector is kept.
+    estimator: str = "grad_cache"
+    # grad_cache: "paste" = the gradient of the cls loss on RoIs matched to pasted instances vs a threshold (the
+    # one-forward simplification A.7, only_paste_τ, bsgal.md §4); "compare" = full-loss gradients of the pasted
+    # and of the original batch, paste iff its cosine is not lower (paste_or_ori with grad compare, §1.3).
+    candidate: str = "paste"
+    # Take the candidate gradient from the forward that trains on the pasted batch when it is accepted; false =
+    # the official order, a separate scoring forward (three forward+backward passes per iteration).
+    shared_forward: bool = True
+    tau: float = -0.05  # fixed threshold: reject iff tau > cosine (ACTIVE_ONCE_MODE only_paste_-0.05)
+    dynamic_threshold: bool = False  # threshold = the (1 - r) quantile of the last queue_size scores (A.5)
+    accept_rate: float = 0.5  # r, the preset acceptance rate of the dynamic threshold
+    accept_rate_end: float = -1.0  # >= 0: r goes linearly from accept_rate to this over train.max_iter
+    queue_size: int = 1000
+    cache_update: str = "momentum"  # c <- m·c + (1 - m)·g_ref ("momentum") or the running mean ("average")
+    momentum: float = 0.1  # m, the weight of the OLD cache (official MOMENTUM0.1: the new gradient gets 0.9)
+    cache_dtype: str = "float32"  # or "bfloat16"
+    cache_device: str = ""  # "" = the parameters' device; "cpu" = offloaded (Swin-L memory option)
+    normalize: bool = True  # cosine (ACTIVE_GRAD_NORM); false = raw dot product
+    seed: int = 1  # torch.manual_seed(seed + iteration) before the candidate forward (ACTIVE_SEED); 0 = off
+    sync: str = "local"  # "local": each process decides on its own images (official); "global": one decision
+    backbone_eval: bool = True  # scoring forwards with the backbone in eval mode (official; drop-path off)
+    lookahead_lr: float = 1e-4  # the inner SGD step of the lookahead estimator (ACTIVE_LR)
+    # Both lookahead branches and their reference losses on the same RNG stream (the official Swin-L config
+    # leaves them unpaired, ACTIVE_SEED = 0, which makes the comparison noisy: bsgal.md §3).
+    lookahead_paired: bool = True
+    gallery_period: int = (
+        0  # every N iterations save the pasted batch (JPEG) for the report gallery; 0 = never
+    )
+
+
+@dataclass
 class SolverConfig:
     """``[solver]``: AdamW, warmup + cosine, per-value clipping, EMA (centernet2.md §4)."""
 
@@ -226,6 +269,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     paste: PasteConfig = field(default_factory=PasteConfig)
+    bsgal: BSGALConfig = field(default_factory=BSGALConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -489,6 +533,7 @@ def validate(cfg: Any, *, where: str = "") -> None:
             f"model.roi_heads.test_num_classes = {roi.test_num_classes}: expected 0 (all) .. model.num_classes"
         )
     errors += _paste_errors(cfg.paste)
+    errors += _bsgal_errors(cfg)
     lo, hi = cfg.data.scale_range
     if not 0.0 < lo <= hi:
         errors.append(f"data.scale_range = {list(cfg.data.scale_range)}: expected 0 < min <= max")
@@ -526,6 +571,35 @@ def _paste_errors(p: PasteConfig) -> list[str]:
         errors.append(f"paste.aspect_jitter = {p.aspect_jitter}: expected a value in [0, 1)")
     if not 0.0 <= p.flip_prob <= 1.0:
         errors.append(f"paste.flip_prob = {p.flip_prob}: expected a probability")
+    return errors
+
+
+def _bsgal_errors(cfg: Config) -> list[str]:
+    b, errors = cfg.bsgal, []
+    choices = {
+        "estimator": ("grad_cache", "lookahead"),
+        "candidate": ("paste", "compare"),
+        "cache_update": ("momentum", "average"),
+        "cache_dtype": ("float32", "bfloat16"),
+        "cache_device": ("", "cpu"),
+        "sync": ("local", "global"),
+    }
+    for name, allowed in choices.items():
+        if getattr(b, name) not in allowed:
+            errors.append(f"bsgal.{name} = {getattr(b, name)!r}: expected one of {list(allowed)}")
+    if b.enabled and not cfg.paste.enabled:
+        errors.append("bsgal.enabled = true needs paste.enabled = true: BSGAL selects among pasted batches")
+    if b.enabled and cfg.train.grad_accum_steps != 1:
+        errors.append(
+            f"bsgal.enabled = true needs train.grad_accum_steps = 1, got {cfg.train.grad_accum_steps}"
+        )
+    if not 0.0 <= b.momentum < 1.0:
+        errors.append(f"bsgal.momentum = {b.momentum}: expected a value in [0, 1)")
+    for name in ("accept_rate",) + (("accept_rate_end",) if b.accept_rate_end >= 0 else ()):
+        if not 0.0 < getattr(b, name) <= 1.0:
+            errors.append(f"bsgal.{name} = {getattr(b, name)}: expected an acceptance rate in (0, 1]")
+    if b.queue_size < 1:
+        errors.append(f"bsgal.queue_size = {b.queue_size}: expected >= 1")
     return errors
 
 

@@ -37,6 +37,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
+from .bsgal_step import Selector
 from .checkpoint import EMA_FILE, MODEL_FILE, load_weights, save_weights
 from .config import Config, config_to_dict, save_config
 from .data import (
@@ -225,12 +226,14 @@ def save_checkpoint(
     cfg: Config,
     output_dir: Path,
     iteration: int,
+    extra_state: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``<output_dir>/checkpoints/<iteration:07d>/{model,ema}.safetensors`` and ``state/`` into a temporary
     directory, rename it into place, then point ``last_checkpoint`` at it. Called on every process.
 
     The safetensors files carry the metadata ``iteration`` and ``config`` (the resolved config as JSON). A crash
     leaves either the previous checkpoint or the new one, never a partial one under the final name.
+    ``extra_state(state_dir)``, when given, writes per-process state beside Accelerate's (BSGAL's cache).
     """
     root, name = output_dir / "checkpoints", f"{iteration:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -239,6 +242,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / STATE_DIR))  # every rank writes its own RNG state file
+    if extra_state is not None:
+        extra_state(tmp / STATE_DIR)
     metadata = {"iteration": str(iteration), "config": json.dumps(config_to_dict(cfg))}
     state_dict = accelerator.get_state_dict(model)  # a collective under sharded setups: every rank calls it
     if accelerator.is_main_process:
@@ -446,7 +451,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
         f"{tc.batch_size} images per iteration; mixed precision {accelerator.mixed_precision}; {accelerator.device}"
     )
 
-    dataset = build_train_dataset(cfg)
+    bsgal = cfg.bsgal.enabled
+    dataset = build_train_dataset(cfg, return_original=bsgal, return_reference=bsgal)
     set_seed(tc.seed)  # the same initial weights on every rank
     model = _build_model(cfg, dataset).to(accelerator.device)
     # The official code copies the EMA before loading the initial weights, so its EMA starts from random init
@@ -461,8 +467,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     set_seed(tc.seed, device_specific=True)  # seed + rank: per-rank RoI sampling etc.; data seeds are shared
+    selector = None
+    if bsgal:  # BSGAL's cache and threshold queue: per process, outside the model (bsgal.md §8.7)
+        selector = Selector(
+            cfg.bsgal, accelerator.unwrap_model(model), max_iter=tc.max_iter, rank=rank, world_size=world,
+            output_dir=output_dir,
+        )  # fmt: skip
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / STATE_DIR))  # model, AdamW, schedule, RNGs, EMA, counters
+        if selector is not None:
+            selector.load(checkpoint / STATE_DIR)
+            selector.truncate_log(state.iteration)
         logger.info(f"resumed from {checkpoint} at iteration {state.iteration}")
 
     sampler = RepeatFactorSampler(
@@ -494,18 +509,24 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
 
     pasted = [0, 0]  # pasted instances, images
 
-    def next_batch() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    def next_batch() -> tuple[list[Tensor], list[dict[str, Tensor]], list[dict]]:
         # A batch whose images were all unreadable comes back empty; if that happens on any rank, every rank
         # draws again, so that ranks stay in step and draw the same number of batches (exact resume).
         while True:
-            images, targets, _ = next(batches)
+            images, targets, infos = next(batches)
             state.batches_consumed += 1
             if dataset.paste is not None:
                 pasted[0] += sum(int(t["is_pasted"].sum()) for t in targets)
                 pasted[1] += len(targets)
             if not _any_rank(accelerator, len(images) == 0):
-                return _to_device(images, targets, accelerator.device)
+                return (*_to_device(images, targets, accelerator.device), infos)
             logger.warning("an empty batch (every image unreadable) on some rank; all ranks draw again")
+
+    def forward(images, targets, infos, iteration) -> dict[str, Tensor]:
+        if selector is None:
+            return model(images, targets)
+        losses, _ = selector.select(model, images, targets, infos, iteration)
+        return losses
 
     from tqdm.auto import tqdm
 
@@ -513,7 +534,10 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
     window, last_checkpoint = _Window(), checkpoint
     for it in range(state.iteration, tc.max_iter):
         t_iter, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        losses, data_time = _train_step(accelerator, model, optimizer, ema, next_batch, cfg, it)
+        losses, data_time = _train_step(
+            accelerator, model, optimizer, ema, next_batch, cfg, it, forward,
+            sync_gradients=selector.all_reduce_gradients if selector is not None else None,
+        )  # fmt: skip
         scheduler.step()
         state.iteration = it + 1
         if losses is None:
@@ -536,6 +560,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
             record.update(
                 skipped_images=skipped_images(), nonfinite_steps=state.nonfinite_steps, **paste_stats()
             )
+            if selector is not None:
+                record.update(selector.summary())
             if main:
                 metrics_log.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "iteration"}, step=it + 1)
@@ -543,7 +569,15 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
             window = _Window()
         if (tc.checkpoint_period > 0 and (it + 1) % tc.checkpoint_period == 0) or last:
             state.skipped_images = skipped_images()
-            last_checkpoint = save_checkpoint(accelerator, model, ema, cfg, output_dir, it + 1)
+            last_checkpoint = save_checkpoint(
+                accelerator,
+                model,
+                ema,
+                cfg,
+                output_dir,
+                it + 1,
+                extra_state=selector.save if selector else None,
+            )
         if tc.eval_period > 0 and (it + 1) % tc.eval_period == 0 and not last:
             _evaluate_and_log(accelerator, eval_model, cfg, it + 1, metrics_log)
     progress.close()
@@ -563,11 +597,17 @@ def _train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: ModelEMA | None,
-    next_batch: Callable[[], tuple[list[Tensor], list[dict[str, Tensor]]]],
+    next_batch: Callable[[], tuple[list[Tensor], list[dict[str, Tensor]], list[dict]]],
     cfg: Config,
     iteration: int,
+    forward: Callable[[list[Tensor], list[dict[str, Tensor]], list[dict], int], dict[str, Tensor]],
+    sync_gradients: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Tensor] | None, float]:
     """One iteration: ``grad_accum_steps`` forward/backward passes, then clipping, AdamW and EMA.
+
+    ``forward(images, targets, infos, iteration)`` gives the losses to train on: the model's, or those of the batch
+    BSGAL selects (``Selector.select``, which runs outside DDP; then ``sync_gradients`` averages the gradients over
+    processes after the backward).
 
     Returns the losses (mean over the micro-batches, detached) and the seconds spent waiting for data. The losses
     are None if a micro-batch had a NaN/Inf loss on some rank: then no rank runs its backward (no NaN reaches the
@@ -576,10 +616,10 @@ def _train_step(
     accum, nonfinite, step_losses, data_time = cfg.train.grad_accum_steps, False, {}, 0.0
     for micro in range(accum):
         t_data = time.perf_counter()
-        images, targets = next_batch()
+        images, targets, infos = next_batch()
         data_time += time.perf_counter() - t_data
         with accelerator.accumulate(model):
-            losses = model(images, targets)
+            losses = forward(images, targets, infos, iteration)
             total = sum(losses.values())
             bad = not bool(torch.isfinite(total))
             if _any_rank(accelerator, bad):
@@ -599,6 +639,8 @@ def _train_step(
                 if not accelerator.sync_gradients:
                     raise RuntimeError("gradient accumulation out of step with Accelerate's counter")
                 if not nonfinite:
+                    if sync_gradients is not None:
+                        sync_gradients()
                     if cfg.solver.clip_value > 0:  # elementwise, after unscaling (centernet2.md §4)
                         accelerator.clip_grad_value_(model.parameters(), cfg.solver.clip_value)
                     optimizer.step()

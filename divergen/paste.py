@@ -482,8 +482,11 @@ def build_instance_paste(cfg: PasteConfig, dataset: DetectionDataset, num_classe
     )
 
 
-def build_train_dataset(cfg: Config, *, return_original: bool = False) -> DetectionDataset:
-    """The training set of ``cfg``: resize-crop + flip, then instance paste when ``paste.enabled``."""
+def build_train_dataset(
+    cfg: Config, *, return_original: bool = False, return_reference: bool = False
+) -> DetectionDataset:
+    """The training set of ``cfg``: resize-crop + flip, then instance paste when ``paste.enabled``; with BSGAL's
+    un-pasted crops (``return_original``) and reference images (``return_reference``)."""
     dataset = DetectionDataset(
         cfg.data.train_json,
         cfg.data.train_image_root,
@@ -491,6 +494,7 @@ def build_train_dataset(cfg: Config, *, return_original: bool = False) -> Detect
         filter_empty=cfg.data.filter_empty,
         load_masks=cfg.model.roi_heads.mask_on or cfg.paste.enabled,
         return_original=return_original,
+        return_reference=return_reference,
     )
     if cfg.paste.enabled:
         dataset.paste = build_instance_paste(cfg.paste, dataset, cfg.model.num_classes)
