@@ -412,3 +412,9 @@ class Threshold:
         """Restore the queue (its newest ``queue_size`` scores); τ, r and the schedule come from the config."""
         self.queue.clear()
         self.queue.extend(float(s) for s in state["queue"])
+
+
+if __name__ == "__main__":  # python -m divergen.bsgal report RUN_DIR
+    from .bsgal_report import main
+
+    main()
