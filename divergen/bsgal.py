@@ -282,6 +282,23 @@ class GradCache:
         self._cache_sq = cache_sq
         return torch.stack([total(dots), cache_sq, g_sq])
 
+    @torch.no_grad()
+    def partial_stats(self, index: int, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(⟨c_i, g⟩, ‖g‖²)`` float64 of parameter ``index`` alone: for scoring a gradient while the backward
+        produces it, one parameter at a time, so that the whole gradient never exists at once. Summed over all
+        parameters, with ‖c‖² from ``dot_and_norms([None] * n)``, it equals ``dot_and_norms(grads)``."""
+        c = self.cache[index]
+        if tuple(grad.shape) != tuple(c.shape):
+            raise ValueError(f"GradCache.partial_stats: parameter {index} has shape {tuple(c.shape)}, got a "
+                             f"gradient of shape {tuple(grad.shape)}")  # fmt: skip
+        dots, g_sq, _ = _partials(c, grad, with_cache=False)
+        if c.device.type == "cpu" and grad.device.type == "cuda":
+            self._reading.add(grad.device)
+        return (
+            torch.stack(dots).to(torch.float64).sum(),
+            torch.stack(g_sq).to(torch.float64).sum(),
+        )
+
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:

@@ -170,9 +170,9 @@ def write_report(run_dir: str | Path) -> Path:
             per_cat[label].append(r["accepted"])
     top = sorted(per_cat, key=lambda c: -len(per_cat[c]))[:40]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(top)), 3.5))
-    ax.bar([str(c) for c in top], [np.mean(per_cat[c]) for c in top], color="tab:blue")
+    ax.bar(np.arange(len(top)), [np.mean(per_cat[c]) for c in top], color="tab:blue")
+    ax.set_xticks(np.arange(len(top)), [str(c) for c in top], rotation=90, fontsize=7)
     ax.set(xlabel="pasted category (0-based label)", ylabel="acceptance rate", ylim=(0, 1))
-    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     fig.tight_layout()
     fig.savefig(out / "categories.png", dpi=110)
     plt.close(fig)

@@ -144,9 +144,8 @@ class Selector:
         record["pool_index"] = [
             int(x) for i in infos for x in i.get("pool_index", torch.zeros(0)).tolist() if x >= 0
         ]
-        if (
-            self._globally(num_pasted) == 0
-        ):  # nothing pasted anywhere: nothing to decide (official: s = 0, kept)
+        # Nothing pasted (anywhere, in global mode): nothing to decide (the official scores 0 and keeps it).
+        if self._globally(num_pasted) == 0:
             record.update(score=None, threshold=None, accepted=True)
             self._log(record)
             return det(images, targets), record
@@ -190,12 +189,43 @@ class Selector:
         self.cache.update(grads)
 
     def _score(self, loss: Tensor, *, retain_graph: bool) -> float:
-        """cos(cache, ∇loss) (or the dot product), without a flat gradient vector."""
-        grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True)
+        """cos(cache, ∇loss) (or the dot product), without a flat gradient vector.
+
+        Local mode streams the gradient: each parameter's gradient is scored as soon as the backward has
+        accumulated it, then freed (a post-accumulate hook), so the whole gradient never exists at once; with
+        the shared forward's retained graph that keeps the selection's extra memory at the cache. Global mode
+        needs the whole gradient to all-reduce it first.
+        """
         if self.cfg.sync == "global":
-            grads = _all_reduce_mean(grads, self.params)
-        stats = self.cache.dot_and_norms(grads)
-        del grads
+            grads = _all_reduce_mean(
+                torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True),
+                self.params,
+            )
+            stats = self.cache.dot_and_norms(grads)
+            del grads
+            return contribution(stats, normalize=self.cfg.normalize)
+        dots, g_sq = [], []
+
+        def scorer(index: int):
+            def hook(p: Tensor) -> None:
+                dot, sq = self.cache.partial_stats(index, p.grad)
+                dots.append(dot)
+                g_sq.append(sq)
+                p.grad = None
+
+            return hook
+
+        for p in self.params:
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(scorer(i)) for i, p in enumerate(self.params)]
+        try:
+            loss.backward(retain_graph=retain_graph, inputs=self.params)
+        finally:
+            for h in handles:
+                h.remove()
+        cache_sq = self.cache.dot_and_norms([None] * len(self.params))[1]
+        zero = cache_sq.new_zeros(())
+        stats = torch.stack([sum(dots, zero), cache_sq, sum(g_sq, zero)])
         return contribution(stats, normalize=self.cfg.normalize)
 
     def _seed(self, iteration: int) -> None:
@@ -247,10 +277,8 @@ class Selector:
         for b, (imgs, tgts) in enumerate(((images, targets), (orig_images, orig_targets))):
             if self.cfg.lookahead_paired:
                 self._seed(iteration)
-            elif self.cfg.seed:
-                torch.manual_seed(
-                    self.cfg.seed + iteration + 7919 * b
-                )  # unpaired, as the official Swin config
+            elif self.cfg.seed:  # unpaired, as the official Swin config: each branch its own stream
+                torch.manual_seed(self.cfg.seed + iteration + 7919 * b)
             with _backbone_eval(det, self.cfg.backbone_eval):
                 losses = det(imgs, tgts)
             grads = torch.autograd.grad(sum(losses.values()), self.params, allow_unused=True)

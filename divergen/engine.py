@@ -560,11 +560,16 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
             record.update(
                 skipped_images=skipped_images(), nonfinite_steps=state.nonfinite_steps, **paste_stats()
             )
+            scores = []
             if selector is not None:
+                scores = [r["score"] for r in selector.window if r["score"] is not None]
                 record.update(selector.summary())
             if main:
                 metrics_log.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "iteration"}, step=it + 1)
+                if scores:  # this process's BSGAL scores since the last log line
+                    tensorboard = accelerator.get_tracker("tensorboard", unwrap=True)
+                    tensorboard.add_histogram("train/bsgal_score", np.asarray(scores), it + 1)
                 progress.set_postfix(loss=f"{record['total_loss']:.4g}", lr=f"{lr:.3g}", refresh=False)
             window = _Window()
         if (tc.checkpoint_period > 0 and (it + 1) % tc.checkpoint_period == 0) or last:
