@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .pool import write_pool_index
+from .pool import POOL_INDEX_NAME, write_pool_index
 from .synthetic import SyntheticCategory, _dump_json, _load_json, _shape_mask, _texture, synthetic_categories
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ POOL_VERSION = 1
 CORRUPTIONS = ("wrong_label", "noise", "bad_mask")
 GENERATOR = "synthetic"
 PARAMS_FILE = "pool_params.json"
-INDEX_FILE = "pool.jsonl"
 CANVAS_SCALE = 1.5  # canvas side / object diameter: white room around the object for a bad_mask blob
 NOISE_BLEND = (0.75, 0.9)  # share of random noise in a "noise" instance's object pixels
 # A bad mask keeps at most this share of the object, and at least this share of it is white background.
@@ -260,7 +259,7 @@ def make_synthetic_pool(
         "size_range": [float(size_range[0]), float(size_range[1])],
         "seed": int(seed),
     }
-    index_path, params_path = root / INDEX_FILE, root / PARAMS_FILE
+    index_path, params_path = root / POOL_INDEX_NAME, root / PARAMS_FILE
     files = [f"images/{cat.id}/{k:05d}.png" for cat in categories for k in range(per_category)]
     old = _load_json(params_path)
     if (
