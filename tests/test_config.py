@@ -171,6 +171,17 @@ def test_shipped_paste_configs():
     assert (divergen.model.num_classes, divergen.model.roi_heads.test_num_classes) == (1453, 1203)
     assert divergen.paste.min_inter_similarity == 0.6
     assert bsgal_r50.model == r50.model and bsgal_swinl.model == swinl.model
+    assert not divergen.bsgal.enabled and not r50.bsgal.enabled
+    b = bsgal_r50.bsgal  # bsgal.md §2, BSGAL_R50.yaml
+    assert b.enabled and (b.estimator, b.candidate, b.tau, b.momentum, b.seed) == (
+        "grad_cache",
+        "paste",
+        -0.05,
+        0.1,
+        1,
+    )
+    assert (b.cache_update, b.sync, b.normalize) == ("momentum", "local", True)
+    assert bsgal_swinl.bsgal.enabled and bsgal_swinl.bsgal.estimator == "lookahead"
 
 
 # ----------------------------------------------------------------------------------------------------
