@@ -3,6 +3,7 @@
 #   make test    the test suite (as CI runs it)
 #   make demo    synthetic data -> train configs/demo.toml -> evaluate its final EMA weights (LVIS AP table)
 #   make demo-paste   the same run with the synthetic "generated" instance pool pasted in ([paste] enabled)
+#   make demo-bsgal   ... and BSGAL selecting the pasted batches ([bsgal] enabled), then its report
 #   make lint    ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -12,8 +13,9 @@ DEMO_CONFIG := configs/demo.toml
 DEMO_DATA := data/synthetic
 DEMO_OUTPUT := output/demo
 DEMO_PASTE_OUTPUT := output/demo_paste
+DEMO_BSGAL_OUTPUT := output/demo_bsgal
 
-.PHONY: venv test demo demo-paste demo-data lint
+.PHONY: venv test demo demo-paste demo-bsgal demo-data lint
 
 venv: $(PY)
 
@@ -41,6 +43,13 @@ demo-paste: demo-data
 		--set train.output_dir=$(DEMO_PASTE_OUTPUT)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) evaluate.py --config $(DEMO_CONFIG) --weights $(DEMO_PASTE_OUTPUT) \
 		--output $(DEMO_PASTE_OUTPUT)/inference
+
+demo-bsgal: demo-data
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config $(DEMO_CONFIG) --set paste.enabled=true \
+		--set bsgal.enabled=true --set bsgal.gallery_period=20 --set train.output_dir=$(DEMO_BSGAL_OUTPUT)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) evaluate.py --config $(DEMO_CONFIG) --weights $(DEMO_BSGAL_OUTPUT) \
+		--output $(DEMO_BSGAL_OUTPUT)/inference
+	$(PY) -m divergen.bsgal report $(DEMO_BSGAL_OUTPUT)
 
 # The dataset and its "generated" instance pool (40 cutouts per category, 30% corrupted); kept if up to date.
 demo-data: venv
