@@ -287,7 +287,7 @@ def image_path(root: str | os.PathLike, job: GenerationJob, generator_name: str)
     )
 
 
-def _readable(path: Path) -> bool:
+def is_readable_image(path: Path) -> bool:
     """Whether ``path`` is a complete PNG (a crash mid-write elsewhere can leave a truncated one)."""
     try:
         with Image.open(path) as im:
@@ -297,7 +297,8 @@ def _readable(path: Path) -> bool:
     return True
 
 
-def _save_atomic(image: Image.Image, path: Path) -> None:
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a PNG at ``path`` through a temporary file and ``os.replace`` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -327,7 +328,7 @@ def generate_to_disk(
     todo = []
     for job in jobs:
         path = image_path(root, job, generator.name)
-        if path.exists() and _readable(path):
+        if path.exists() and is_readable_image(path):
             counts["skipped_existing"] += 1
         else:
             if path.exists():
@@ -358,7 +359,7 @@ def generate_to_disk(
             if image is None:
                 counts["failed"] += 1
             else:
-                _save_atomic(image, image_path(root, job, generator.name))
+                save_image_atomic(image, image_path(root, job, generator.name))
                 counts["generated"] += 1
         if bar is not None:
             bar.update(len(batch))
