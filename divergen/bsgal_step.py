@@ -318,9 +318,11 @@ class Selector:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         bucket: list[Tensor] = []
+        size = 0
         for i, p in enumerate(self.params):
             bucket.append(p.grad)
-            if sum(g.numel() for g in bucket) >= BUCKET_NUMEL or i == len(self.params) - 1:
+            size += p.grad.numel()
+            if size >= BUCKET_NUMEL or i == len(self.params) - 1:
                 flat = torch.cat([g.reshape(-1) for g in bucket])
                 dist.all_reduce(flat)
                 flat.div_(world)
@@ -331,7 +333,7 @@ class Selector:
                         for f, g in zip(flat.split([g.numel() for g in bucket]), bucket, strict=True)
                     ],
                 )
-                bucket = []
+                bucket, size = [], 0
 
     # ------------------------------------------------------------------------------------------- helpers
 

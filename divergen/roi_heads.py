@@ -556,13 +556,9 @@ class CascadeROIHeads(nn.Module):
         return boxes, matched, gt_classes
 
     def _forward_train(self, features, proposals, image_sizes, targets, paste_cls_loss) -> dict[str, Tensor]:
-        rois = stage0 = self.label_and_sample_proposals([p["boxes"] for p in proposals], targets)
+        stage0 = self.label_and_sample_proposals([p["boxes"] for p in proposals], targets)
         losses: dict[str, Tensor] = {}
-        deltas = None
-        for k in range(self.num_stages):
-            if k > 0:
-                rois = self._next_stage_rois(k, rois, deltas, image_sizes, targets)
-            logits, deltas = self.run_stage(k, features, [r[0] for r in rois])
+        for k, logits, deltas, rois in self._cascade(features, stage0, image_sizes, targets):
             losses.update(self._stage_losses(k, logits, deltas, rois, targets, paste_cls_loss))
         if self.mask_on:
             losses["loss_mask"] = self._mask_loss(features, stage0, targets)
@@ -603,14 +599,20 @@ class CascadeROIHeads(nn.Module):
             gt_index = torch.arange(len(labels), device=labels.device)
             rois.append((t["boxes"].detach().float(), gt_index, labels))
         losses: dict[str, Tensor] = {}
+        for k, logits, _, stage_rois in self._cascade(features, rois, image_sizes, targets):
+            gt_classes = torch.cat([r[2] for r in stage_rois]).to(logits.device)
+            losses[f"loss_cls_stage{k}"] = sigmoid_ce_loss(logits, gt_classes)
+        return losses
+
+    def _cascade(self, features, rois, image_sizes, targets):
+        """Run the training cascade from stage-0 ``rois``: yields ``(k, logits, deltas, rois_k)`` per stage, stage
+        k > 0 on stage k-1's regressed boxes (``_next_stage_rois``)."""
         deltas = None
         for k in range(self.num_stages):
             if k > 0:
                 rois = self._next_stage_rois(k, rois, deltas, image_sizes, targets)
             logits, deltas = self.run_stage(k, features, [r[0] for r in rois])
-            gt_classes = torch.cat([r[2] for r in rois]).to(logits.device)
-            losses[f"loss_cls_stage{k}"] = sigmoid_ce_loss(logits, gt_classes)
-        return losses
+            yield k, logits, deltas, rois
 
     @torch.no_grad()
     def _next_stage_rois(self, k, rois, deltas, image_sizes, targets) -> list[tuple[Tensor, Tensor, Tensor]]:
