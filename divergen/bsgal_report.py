@@ -79,40 +79,26 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def _corruptions(run_dir: Path) -> dict[int, str] | None:
-    """Pool index -> ``corruption`` of the run's pool records, when the pool records one (synthetic pools)."""
+def _corruptions(run_dir: Path, indices: set[int]) -> dict[int, str] | None:
+    """Pool index -> ``corruption`` of the run's pool records in ``indices`` (those the decisions name), when
+    the pool records one (synthetic pools). The run's pool indices are those of its filtered pool, so the pool
+    is built as the run built it."""
     from .config import load_config
-    from .pool import InstancePool
+    from .data import load_category_info
+    from .paste import build_pool
 
     config = run_dir / "config.toml"
     if not config.is_file():
         return None
     cfg = load_config(config)
     try:
-        pool = InstancePool(cfg.paste.pool)
+        pool = build_pool(cfg.paste, load_category_info(cfg.data.train_json), cfg.model.num_classes)
     except (OSError, ValueError) as e:
         logger.warning(f"cannot read the run's pool {cfg.paste.pool!r} ({e}); no per-corruption rates")
         return None
     if pool.format != "jsonl" or len(pool) == 0 or "corruption" not in pool.record(0):
         return None
-    # The run's pool indices are those of its filtered pool: rebuild it with the run's filters.
-    from .data import load_category_info
-    from .paste import EXTRA_CLASS_FREQUENCY
-
-    cats = load_category_info(cfg.data.train_json)
-    freq = list(cats.frequency) + [EXTRA_CLASS_FREQUENCY] * max(cfg.model.num_classes - cats.num_classes, 0)
-    pool = InstancePool(
-        cfg.paste.pool,
-        id_to_index=cats.id_to_index,
-        num_classes=cfg.model.num_classes,
-        min_clip_score=cfg.paste.min_clip_score if math.isfinite(cfg.paste.min_clip_score) else None,
-        min_inter_similarity=(
-            cfg.paste.min_inter_similarity if math.isfinite(cfg.paste.min_inter_similarity) else None
-        ),
-        generators=tuple(cfg.paste.generators),
-        labels={c for c in range(cfg.model.num_classes) if freq[c] in cfg.paste.frequencies},
-    )
-    return {i: pool.record(i).get("corruption", "none") for i in range(len(pool))}
+    return {i: pool.record(i).get("corruption", "none") for i in sorted(indices) if i < len(pool)}
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -177,7 +163,8 @@ def write_report(run_dir: str | Path) -> Path:
     fig.savefig(out / "categories.png", dpi=110)
     plt.close(fig)
 
-    summary = summarize(records, _corruptions(run_dir))
+    used = {i for r in records for i in r.get("pool_index", [])}
+    summary = summarize(records, _corruptions(run_dir, used))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     gallery = [r for r in records if r.get("gallery")]

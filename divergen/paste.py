@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import Config, PasteConfig, load_config
-from .data import DetectionDataset, train_transform
+from .data import CategoryInfo, DetectionDataset, train_transform
 from .pool import InstancePool
 
 logger = logging.getLogger(__name__)
@@ -438,24 +438,29 @@ EXTRA_CLASS_FREQUENCY = "c"
 EXTRA_CLASS_IMAGE_COUNT = 2000
 
 
-def build_instance_paste(cfg: PasteConfig, dataset: DetectionDataset, num_classes: int) -> InstancePaste:
-    """The ``[paste]`` section's ``InstancePaste`` for a training set (its category ids and size statistics).
+def build_pool(cfg: PasteConfig, categories: CategoryInfo, num_classes: int) -> InstancePool:
+    """The ``[paste]`` section's filtered instance pool for a training set's categories.
 
     Pool labels: LVIS ids through the dataset's categories; ids beyond them continue after its last class
     (LVIS 1203 + ImageNet 1204..1453), up to ``num_classes``. ``paste.frequencies`` keeps the pool categories
     of those LVIS groups; extra classes count as common, as in the official metadata.
     """
-    cats = dataset.categories
-    freq = list(cats.frequency) + [EXTRA_CLASS_FREQUENCY] * max(num_classes - cats.num_classes, 0)
-    pool = InstancePool(
+    freq = list(categories.frequency) + [EXTRA_CLASS_FREQUENCY] * max(num_classes - categories.num_classes, 0)
+    return InstancePool(
         cfg.pool,
-        id_to_index=cats.id_to_index,
+        id_to_index=categories.id_to_index,
         num_classes=num_classes,
         min_clip_score=cfg.min_clip_score if math.isfinite(cfg.min_clip_score) else None,
         min_inter_similarity=cfg.min_inter_similarity if math.isfinite(cfg.min_inter_similarity) else None,
         generators=tuple(cfg.generators),
         labels={c for c in range(num_classes) if freq[c] in cfg.frequencies},
     )
+
+
+def build_instance_paste(cfg: PasteConfig, dataset: DetectionDataset, num_classes: int) -> InstancePaste:
+    """The ``[paste]`` section's ``InstancePaste`` for a training set (its category ids and size statistics)."""
+    cats = dataset.categories
+    pool = build_pool(cfg, cats, num_classes)
     if len(pool) == 0:
         raise ValueError(f"paste.pool = {cfg.pool!r}: no instance left after filtering ({pool.summary()})")
     if cfg.size_stats:
