@@ -40,6 +40,7 @@ iteration on every process), so the weights never diverge.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -134,8 +135,13 @@ class Selector:
 
     def _select(self, det, images, targets, infos, iteration) -> tuple[dict[str, Tensor], dict]:
         device = images[0].device
-        originals = [_to(i["original"], device) for i in infos]
-        orig_images, orig_targets = [o["image"] for o in originals], [_target(o) for o in originals]
+
+        @functools.cache
+        def originals() -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+            # Moved to the device only when needed: an accepted only-paste iteration never uses them.
+            moved = [_to(i["original"], device) for i in infos]
+            return [o["image"] for o in moved], [_target(o) for o in moved]
+
         num_pasted = int(sum(int(t["is_pasted"].sum()) for t in targets))
         record = {"iteration": iteration + 1, "rank": self.rank, "num_pasted": num_pasted}
         record["pasted_labels"] = sorted(
@@ -151,13 +157,11 @@ class Selector:
             return det(images, targets), record
         refs = [_to(i["reference"], device) for i in infos if i.get("reference") is not None]
         if self.cfg.estimator == "lookahead":
-            losses = self._lookahead(det, images, targets, orig_images, orig_targets, refs, iteration, record)
+            losses = self._lookahead(det, images, targets, originals, refs, iteration, record)
         elif self.cfg.candidate == "compare":
-            losses = self._compare(det, images, targets, orig_images, orig_targets, refs, iteration, record)
+            losses = self._compare(det, images, targets, originals, refs, iteration, record)
         else:
-            losses = self._only_paste(
-                det, images, targets, orig_images, orig_targets, refs, iteration, record
-            )
+            losses = self._only_paste(det, images, targets, originals, refs, iteration, record)
         if self.cfg.gallery_period > 0 and (iteration + 1) % self.cfg.gallery_period == 0:
             record["gallery"] = self._save_gallery(images, targets, record)
         self._log(record)
@@ -232,7 +236,7 @@ class Selector:
         if self.cfg.seed:
             torch.manual_seed(self.cfg.seed + iteration)
 
-    def _only_paste(self, det, images, targets, orig_images, orig_targets, refs, iteration, record):
+    def _only_paste(self, det, images, targets, originals, refs, iteration, record):
         self._update_cache(det, refs)
         self._seed(iteration)
         if self.cfg.shared_forward:
@@ -248,12 +252,12 @@ class Selector:
         if accept and self.cfg.shared_forward:
             return {k: v for k, v in losses.items() if not _is_paste_key(k)}
         del losses, paste_loss
-        return det(images, targets) if accept else det(orig_images, orig_targets)
+        return det(images, targets) if accept else det(*originals())
 
-    def _compare(self, det, images, targets, orig_images, orig_targets, refs, iteration, record):
+    def _compare(self, det, images, targets, originals, refs, iteration, record):
         self._update_cache(det, refs)
         scores, kept = [], []
-        for imgs, tgts in ((images, targets), (orig_images, orig_targets)):
+        for imgs, tgts in ((images, targets), originals()):
             self._seed(iteration)  # both candidates on the same RoI / federated-class sampling
             if self.cfg.shared_forward:
                 losses = det(imgs, tgts)
@@ -267,14 +271,14 @@ class Selector:
         if self.cfg.shared_forward:
             return kept[0] if accept else kept[1]
         del kept
-        return det(images, targets) if accept else det(orig_images, orig_targets)
+        return det(images, targets) if accept else det(*originals())
 
-    def _lookahead(self, det, images, targets, orig_images, orig_targets, refs, iteration, record):
+    def _lookahead(self, det, images, targets, originals, refs, iteration, record):
         """bsgal.md §3: for each branch, one SGD step on it, the reference cls loss, weights restored."""
         snapshot = [p.detach().clone() for p in self.params]
         ref_images, ref_targets = [r["image"] for r in refs], [_target(r) for r in refs]
         ref_losses = []
-        for b, (imgs, tgts) in enumerate(((images, targets), (orig_images, orig_targets))):
+        for b, (imgs, tgts) in enumerate(((images, targets), originals())):
             if self.cfg.lookahead_paired:
                 self._seed(iteration)
             elif self.cfg.seed:  # unpaired, as the official Swin config: each branch its own stream
@@ -305,7 +309,7 @@ class Selector:
         accept = self._agree(loss_paste < loss_orig)
         record.update(score=loss_orig - loss_paste, threshold=0.0, accepted=accept)
         self._seed(iteration)
-        return det(images, targets) if accept else det(orig_images, orig_targets)
+        return det(images, targets) if accept else det(*originals())
 
     def all_reduce_gradients(self) -> None:
         """Average ``.grad`` over processes after the training backward (what DDP would have done): flattened
