@@ -25,24 +25,16 @@ from divergen.clip_filter import (
     save_references,
     score_view,
 )
+from divergen.tiny_models import TINY_CLIP_MODEL, save_tiny_clip
 
 open_clip = pytest.importorskip("open_clip")
-
-TINY = "divergen-tiny-clip"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory) -> ClipScorer:
-    path = tmp_path_factory.mktemp("clip") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return ClipScorer.load(model=TINY, pretrained=None, device="cpu")
+    config, weights = save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny")
+    open_clip.add_model_config(config)
+    return ClipScorer.load(model=TINY_CLIP_MODEL, pretrained=str(weights), device="cpu")
 
 
 def _cutout(h: int, w: int, seed: int = 0) -> np.ndarray:

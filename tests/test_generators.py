@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 
 from divergen.generators import Generator, GeneratorSpec, generate_to_disk, image_path, load_generator
 from divergen.prompts import GenerationJob
+from divergen.tiny_models import save_if_pipelines, save_sd_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,167 +26,17 @@ JOBS = [
 ]
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: the 256 unicode characters that stand for bytes."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _clip_tokenizer(path: Path):
-    chars = _byte_chars()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(
-        vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"), model_max_length=77
-    )
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory) -> Path:
     """A tiny Stable Diffusion pipeline (32 px images, 16 px latents) saved with ``save_pretrained``."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("sd")
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=520,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=514,
-            eos_token_id=515,
-            pad_token_id=515,
-        )
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_clip_tokenizer(root / "tok"),
-        scheduler=diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root / "model")
-    return root / "model"
-
-
-def _t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,"] + [
-        ("▁" + c, -3.5) for c in "abcdefghijklmnopqrstuvwxyz"
-    ]
-    return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=77)
-
-
-def _if_unet(*, superres: bool):
-    kwargs = dict(
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        out_channels=6,
-        cross_attention_dim=32,
-        encoder_hid_dim=32,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        norm_num_groups=8,
-    )
-    if superres:
-        kwargs.update(
-            sample_size=32, in_channels=6, class_embed_type="timestep", mid_block_scale_factor=1.414,
-            time_embedding_act_fn="gelu", time_embedding_dim=32,
-        )  # fmt: skip
-    else:
-        kwargs.update(sample_size=16, in_channels=3)
-    return diffusers.UNet2DConditionModel(**kwargs)
-
-
-def _if_scheduler():
-    return diffusers.DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        thresholding=True,
-        dynamic_thresholding_ratio=0.95,
-        sample_max_value=1.0,
-        prediction_type="epsilon",
-        variance_type="learned_range",
-    )
+    return save_sd_pipeline(tmp_path_factory.mktemp("sd") / "model", image_size=32)
 
 
 @pytest.fixture(scope="module")
 def if_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """Tiny IF stage I (16 px) and stage II (32 px, no text encoder) pipelines saved with ``save_pretrained``."""
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("if")
-    none = {
-        "safety_checker": None,
-        "feature_extractor": None,
-        "watermarker": None,
-        "requires_safety_checker": False,
-    }
-    text_encoder = transformers.T5EncoderModel(
-        transformers.T5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
-    )
-    stage1 = diffusers.IFPipeline(
-        tokenizer=_t5_tokenizer(),
-        text_encoder=text_encoder,
-        unet=_if_unet(superres=False),
-        scheduler=_if_scheduler(),
-        **none,
-    )
-    stage2 = diffusers.IFSuperResolutionPipeline(
-        tokenizer=_t5_tokenizer(),
-        text_encoder=None,
-        unet=_if_unet(superres=True),
-        scheduler=_if_scheduler(),
-        image_noising_scheduler=diffusers.DDPMScheduler(
-            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"
-        ),
-        **none,
-    )
-    stage1.save_pretrained(root / "stage1")
-    stage2.save_pretrained(root / "stage2")
-    return root / "stage1", root / "stage2"
+    return save_if_pipelines(root / "stage1", root / "stage2")
 
 
 @pytest.fixture(scope="module")
