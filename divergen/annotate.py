@@ -10,23 +10,31 @@ One deliberate difference: the official takes ``masks[2]`` blindly, and SAM's am
 "whole background last", so it can invert the object or keep half the background (§6 item 8). Here
 ``choose_background`` picks the candidate that contains the clicked corners, by predicted IoU among those;
 ``official_index=True`` restores ``masks[2]``.
+
+X-Paste's alternative (§1.2) segments each image with several segmenters and keeps, per image, the mask whose
+cut-out has the highest CLIP score against the category text. ``ClipSegAnnotator`` is its text-prompted CLIPSeg
+member (without X-Paste's MatteFormer refinement); ``SamAnnotator`` and ``ClipSegAnnotator`` share one interface
+(``name``, ``__call__(image, category_name) -> Annotation``) and one post-processing (``cut_out``), and
+``annotate_with`` runs several of them on an image and keeps the max-CLIP-score cut-out (``choose_by_clip``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .clip_filter import ClipScorer, clip_scores
 from .generators import is_readable_image, save_image_atomic
 from .pool import largest_component
+from .prompts import hf_from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,13 @@ MIN_AREA, MAX_AREA = 0.01, 0.95
 # Reasons an image gives no cutout; ``annotate_to_disk`` counts each under this name.
 REJECT_REASONS = ("empty", "full", "too_small", "too_large")
 _ANNOTATE_KEYWORDS = {"margin", "min_area", "max_area", "official_index"}
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# X-Paste ``segment_methods/reseg.py``: the CLIPSeg text is "a photo of {name}" ("_" -> " "), and its mask is the
+# (matting-refined, min-max renormalised) probability map > 128/255, i.e. a 0.5 threshold on the probability.
+CLIPSEG_MODEL = "CIDAS/clipseg-rd64-refined"
+CLIPSEG_PROMPT = "a photo of {}"
+CLIPSEG_THRESHOLD = 0.5
+# What PIL raises on a file that is not a decodable image.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def load_sam(checkpoint: str | os.PathLike, *, model_type: str = "vit_h", device: str | torch.device) -> Any:
@@ -50,7 +64,9 @@ def load_sam(checkpoint: str | os.PathLike, *, model_type: str = "vit_h", device
 
     Arguments:
         checkpoint: the ``.pth`` state dict (``sam_vit_h_4b8939.pth`` for the official ViT-H).
-        model_type: a key of ``segment_anything.sam_model_registry`` ("vit_h", "vit_l", "vit_b").
+        model_type: a key of ``segment_anything.sam_model_registry`` ("vit_h", "vit_l", "vit_b"), or "tiny": the
+            small SAM of ``divergen.tiny_models.build_tiny_sam`` (demo and tests; ``tiny_models.save_tiny_sam``
+            writes its checkpoint).
         device: where the model runs.
 
     A missing checkpoint raises ``FileNotFoundError``: the official DATA.md omits ``--sam_checkpoint_path`` and
@@ -59,10 +75,18 @@ def load_sam(checkpoint: str | os.PathLike, *, model_type: str = "vit_h", device
     """
     from segment_anything import SamPredictor, sam_model_registry
 
-    if model_type not in sam_model_registry:
-        raise ValueError(f"load_sam: model_type {model_type!r} is not one of {sorted(sam_model_registry)}")
+    from .tiny_models import build_tiny_sam
+
+    builders = {**sam_model_registry, "tiny": build_tiny_sam}
+    if model_type not in builders:
+        raise ValueError(f"load_sam: model_type {model_type!r} is not one of {sorted(builders)}")
     path = Path(checkpoint) if checkpoint is not None else None
     if path is None or not path.is_file():
+        if model_type == "tiny":
+            raise FileNotFoundError(
+                f"SAM checkpoint {checkpoint!r} not found: write a tiny one with "
+                "divergen.tiny_models.save_tiny_sam(path)"
+            )
         name = SAM_CHECKPOINTS.get(model_type, SAM_CHECKPOINTS["vit_h"])
         raise FileNotFoundError(
             f"SAM checkpoint {checkpoint!r} not found: download {name} from {SAM_URL}{name} "
@@ -70,7 +94,7 @@ def load_sam(checkpoint: str | os.PathLike, *, model_type: str = "vit_h", device
         )
     # Built without a checkpoint, then loaded onto the CPU first: the builder's own torch.load has no
     # map_location, so a checkpoint saved from a GPU would fail on a CPU-only machine.
-    sam = sam_model_registry[model_type]()
+    sam = builders[model_type]()
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         sam.load_state_dict(state)
@@ -141,14 +165,12 @@ class Annotation:
     area_fraction: float
 
 
-def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+def _as_rgb(image: Image.Image | np.ndarray, where: str = "annotate_image") -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"annotate_image: expected a PIL image or (H, W, 3) uint8, got {image.shape} {image.dtype}"
-        )
+        raise ValueError(f"{where}: expected a PIL image or (H, W, 3) uint8, got {image.shape} {image.dtype}")
     return image
 
 
@@ -180,10 +202,9 @@ def annotate_image(
             as X-Paste's area filter does, §1.2).
         official_index: take ``masks[2]`` as the official does instead of ``choose_background``.
 
-    The 4 corners are positive clicks; the chosen background is inverted; the foreground's largest connected
-    component (``pool.largest_component``, holes filled) is kept and cropped to its tight box. Rejected, with
-    ``rgba=None``: an empty foreground ("empty"), one covering every pixel ("full"), or an area fraction
-    outside the bounds ("too_small" / "too_large").
+    The 4 corners are positive clicks; the chosen background is inverted, and ``cut_out`` keeps the largest
+    connected component (holes filled), crops it to its tight box, or rejects it by area (``rgba=None``, with
+    ``reason`` one of ``REJECT_REASONS``).
     """
     _check_area(min_area, max_area)
     rgb = _as_rgb(image)
@@ -201,7 +222,29 @@ def annotate_image(
             f"annotate_image: the predictor returned masks {masks.shape}, expected (3, {h}, {w})"
         )
     index = 2 if official_index else choose_background(masks, scores, points)
-    foreground = largest_component(~masks[index])
+    return cut_out(rgb, ~masks[index], min_area=min_area, max_area=max_area)
+
+
+def cut_out(
+    rgb: np.ndarray, foreground: np.ndarray, *, min_area: float = MIN_AREA, max_area: float = MAX_AREA
+) -> Annotation:
+    """The post-processing every annotator shares (divergen.md §1.4): keep the largest connected component of
+    ``foreground`` (``pool.largest_component``, holes filled), reject it by area, crop it to its tight box.
+
+    Arguments:
+        rgb: ``(H, W, 3)`` uint8, the image.
+        foreground: ``(H, W)`` bool, the annotator's raw object mask.
+        min_area, max_area: the accepted area fractions, bounds included (see ``annotate_image``).
+
+    Rejected, with ``rgba=None``: an empty foreground ("empty"), one covering every pixel ("full"), or an area
+    fraction outside the bounds ("too_small" / "too_large").
+    """
+    _check_area(min_area, max_area)
+    rgb = _as_rgb(rgb, "cut_out")
+    foreground = np.asarray(foreground, dtype=bool)
+    if foreground.shape != rgb.shape[:2]:
+        raise ValueError(f"cut_out: foreground {foreground.shape} does not match the image {rgb.shape[:2]}")
+    foreground = largest_component(foreground)
     area = float(foreground.mean())
     reason = None
     if area == 0.0:
@@ -222,39 +265,309 @@ def annotate_image(
     return Annotation(rgba=rgba, mask=foreground, reason=None, area_fraction=area)
 
 
-def annotate_to_disk(
-    predictor: Any, items: Iterable[tuple[Path, Path]], *, progress: bool = False, **kw: Any
-) -> dict[str, int]:
-    """Annotate each ``(generated PNG, output cutout PNG)`` pair, resumably.
+# ------------------------------------------------------------------------------------------------ CLIPSeg
+
+
+def load_clipseg(model: str | os.PathLike = CLIPSEG_MODEL, *, device: str | torch.device) -> tuple[Any, Any]:
+    """``(CLIPSegForImageSegmentation, CLIPSegProcessor)`` from a local directory or a Hugging Face hub id.
 
     Arguments:
-        predictor: as for ``annotate_image``.
-        items: ``(input image, output RGBA PNG)`` path pairs.
+        model: a directory written by ``save_pretrained`` (``divergen.tiny_models.save_tiny_clipseg`` for tests)
+            or a hub id; the default is the transformers port of CLIPSeg ViT-B/16 with the refined decoder
+            (X-Paste used the original repository's ``rd64-uni.pth``, the same architecture without refinement).
+        device: where the model runs.
+
+    A local path that does not exist is a ``FileNotFoundError``; a hub id that cannot be fetched (offline) is an
+    ``OSError`` that says how to download it first.
+    """
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    net = hf_from_pretrained(CLIPSegForImageSegmentation, model, what="CLIPSeg model")
+    processor = hf_from_pretrained(CLIPSegProcessor, model, what="CLIPSeg processor")
+    net.to(device).eval()
+    logger.info("loaded CLIPSeg %s on %s", model, device)
+    return net, processor
+
+
+@torch.no_grad()
+def clipseg_mask(
+    model: Any,
+    processor: Any,
+    image: Image.Image | np.ndarray,
+    text: str,
+    *,
+    threshold: float = CLIPSEG_THRESHOLD,
+) -> np.ndarray:
+    """``(H, W)`` bool: where CLIPSeg finds ``text`` in ``image``.
+
+    The processor resizes the image to the model's square input (352 px); the ``(352, 352)`` logits are upsampled
+    bilinearly to the image's ``(H, W)`` and ``sigmoid(logits) > threshold`` is the mask (X-Paste upsamples the
+    probabilities and thresholds at 128/255 after a matting refinement we do not run, divergen.md §1.2).
+
+    Arguments:
+        model: a ``CLIPSegForImageSegmentation`` (``load_clipseg``).
+        processor: its ``CLIPSegProcessor``.
+        image: a PIL image (converted to RGB) or ``(H, W, 3)`` uint8 RGB.
+        text: the text prompt, e.g. ``CLIPSEG_PROMPT.format("aerosol can")``.
+        threshold: on the probability, in ``(0, 1)``.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"clipseg_mask: expected 0 < threshold < 1, got {threshold}")
+    rgb = _as_rgb(image, "clipseg_mask")
+    h, w = rgb.shape[:2]
+    inputs = processor(text=[text], images=[Image.fromarray(rgb)], padding=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+    # (1, S, S) here; older transformers squeezed a batch of one down to (S, S).
+    logits = logits.float().reshape(1, 1, *logits.shape[-2:])
+    logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return (torch.sigmoid(logits[0, 0]) > threshold).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------ annotators
+
+
+class Annotator(Protocol):
+    """What ``annotate_with`` and ``annotate_to_disk`` run: ``name`` (unique among the annotators of one run) and
+    ``__call__(image (H, W, 3) uint8 RGB, category_name) -> Annotation``. ``uses_category_name`` says whether
+    the category name matters (``annotate_to_disk`` then requires it with every item)."""
+
+    name: str
+    uses_category_name: bool
+
+    def __call__(self, image: np.ndarray, category_name: str) -> Annotation: ...
+
+
+class SamAnnotator:
+    """SAM-background (divergen.md §1.2, ``annotate_image``); the category name is not used.
+
+    Arguments:
+        predictor: a ``SamPredictor`` (``load_sam``).
+        name: the annotator's name in ``AnnotatorChoice`` and the ``annotate_to_disk`` counts.
+        margin, min_area, max_area, official_index: as for ``annotate_image``.
+    """
+
+    uses_category_name = False
+
+    def __init__(
+        self,
+        predictor: Any,
+        *,
+        name: str = "sam",
+        margin: int = 0,
+        min_area: float = MIN_AREA,
+        max_area: float = MAX_AREA,
+        official_index: bool = False,
+    ):
+        _check_area(min_area, max_area)
+        self.predictor, self.name = predictor, name
+        self.kw = {
+            "margin": margin,
+            "min_area": min_area,
+            "max_area": max_area,
+            "official_index": official_index,
+        }
+
+    def __call__(self, image: np.ndarray, category_name: str = "") -> Annotation:
+        return annotate_image(self.predictor, image, **self.kw)
+
+
+class ClipSegAnnotator:
+    """CLIPSeg with the text ``prompt.format(category name with "_" -> " ")``, then ``cut_out`` (X-Paste's
+    text-prompted segmenter, divergen.md §1.2).
+
+    Arguments:
+        model, processor: from ``load_clipseg``.
+        name: the annotator's name in ``AnnotatorChoice`` and the ``annotate_to_disk`` counts.
+        threshold: on CLIPSeg's probability (``clipseg_mask``).
+        prompt: a format string with one ``{}`` for the name; X-Paste's "a photo of {}" by default.
+        min_area, max_area: as for ``cut_out``.
+    """
+
+    uses_category_name = True
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name: str = "clipseg",
+        threshold: float = CLIPSEG_THRESHOLD,
+        prompt: str = CLIPSEG_PROMPT,
+        min_area: float = MIN_AREA,
+        max_area: float = MAX_AREA,
+    ):
+        _check_area(min_area, max_area)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"ClipSegAnnotator: expected 0 < threshold < 1, got {threshold}")
+        if "{}" not in prompt:
+            raise ValueError(f"ClipSegAnnotator: prompt {prompt!r} has no '{{}}' for the category name")
+        self.model, self.processor, self.name = model, processor, name
+        self.threshold, self.prompt, self.min_area, self.max_area = threshold, prompt, min_area, max_area
+
+    def __call__(self, image: np.ndarray, category_name: str) -> Annotation:
+        if not category_name:
+            raise ValueError(f"{self.name}: CLIPSeg needs the category name as its text prompt, got none")
+        rgb = _as_rgb(image, self.name)
+        text = self.prompt.format(category_name.replace("_", " "))
+        mask = clipseg_mask(self.model, self.processor, rgb, text, threshold=self.threshold)
+        return cut_out(rgb, mask, min_area=self.min_area, max_area=self.max_area)
+
+
+# ------------------------------------------------------------------------------------------------ max-CLIP choice
+
+
+def annotation_clip_scores(annotations: Sequence[Annotation], scorer: ClipScorer, name: str) -> np.ndarray:
+    """``(K,)`` float32: ``clip_filter.clip_scores`` of each annotation's cut-out against ``name`` (the stage-4
+    CLIP score: ``score_view``, "a photo of a single {name}"), NaN for a rejected annotation (``rgba is None``).
+
+    X-Paste composites on white and scores against "a photo of {name}" (divergen.md §1.2); we use the score that
+    stage 4 records, so the winner's score is its ``clip_score`` in ``pool.jsonl``.
+    """
+    scores = np.full(len(annotations), np.nan, dtype=np.float32)
+    valid = [i for i, a in enumerate(annotations) if a.rgba is not None]
+    if valid:
+        cutouts = [annotations[i].rgba for i in valid]
+        scores[valid] = clip_scores(scorer, cutouts, [name] * len(valid))
+    return scores
+
+
+def _first_max(scores: np.ndarray) -> int | None:
+    if np.isnan(scores).all():
+        return None
+    return int(np.nanargmax(scores))  # the first index on a tie
+
+
+def choose_by_clip(annotations: Sequence[Annotation], scorer: ClipScorer, name: str) -> int | None:
+    """The index of the annotation whose cut-out has the highest CLIP score against ``name`` (X-Paste's per-image
+    choice among segmenters, divergen.md §1.2); the first one on a tie; ``None`` when every one is rejected.
+    Scores as ``annotation_clip_scores``."""
+    return _first_max(annotation_clip_scores(annotations, scorer, name))
+
+
+@dataclass
+class AnnotatorChoice:
+    """``annotate_with``'s result for one image.
+
+    ``annotation``: the chosen one; when every annotator rejected the image, the first annotator's (rejected)
+    one. ``annotator``: the winner's name, ``None`` when all rejected. ``scores``: ``{annotator name: CLIP
+    score}`` (NaN for a rejection; empty when one annotator ran without a scorer). ``annotations``: every
+    annotator's result, by name.
+    """
+
+    annotation: Annotation
+    annotator: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+    annotations: dict[str, Annotation] = field(default_factory=dict)
+
+
+def annotate_with(
+    annotators: Sequence[Annotator],
+    image: Image.Image | np.ndarray,
+    category_name: str,
+    *,
+    scorer: ClipScorer | None = None,
+) -> AnnotatorChoice:
+    """Run every annotator on ``image`` and keep the cut-out with the highest CLIP score (``choose_by_clip``).
+
+    Arguments:
+        annotators: one or more annotators with distinct names, in priority order (ties go to the first).
+        image: a PIL image (converted to RGB) or ``(H, W, 3)`` uint8 RGB.
+        category_name: the category's name (LVIS form, ``"_"`` allowed); CLIPSeg's text and the CLIP text.
+        scorer: the CLIP model; required with several annotators, optional with one (its score is then
+            reported, and nothing is chosen).
+    """
+    names = _check_annotators(annotators)
+    if len(annotators) > 1 and scorer is None:
+        raise ValueError(f"annotate_with: choosing among {names} needs a CLIP scorer, got scorer=None")
+    rgb = _as_rgb(image, "annotate_with")
+    results = [a(rgb, category_name) for a in annotators]
+    if scorer is None:
+        winner = 0 if results[0].rgba is not None else None
+        scores = {}
+    else:
+        values = annotation_clip_scores(results, scorer, category_name)
+        winner = _first_max(values)
+        scores = {n: float(v) for n, v in zip(names, values)}
+    chosen = results[0] if winner is None else results[winner]
+    return AnnotatorChoice(
+        annotation=chosen,
+        annotator=None if winner is None else names[winner],
+        scores=scores,
+        annotations=dict(zip(names, results)),
+    )
+
+
+def _check_annotators(annotators: Sequence[Annotator]) -> list[str]:
+    if not annotators:
+        raise ValueError("expected at least one annotator, got none")
+    names = [a.name for a in annotators]
+    if len(set(names)) != len(names):
+        raise ValueError(f"annotator names must be distinct, got {names}")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ to disk
+
+
+def annotate_to_disk(
+    annotator: Annotator | Sequence[Annotator] | Any,
+    items: Iterable[tuple[Path, Path] | tuple[Path, Path, str]],
+    *,
+    scorer: ClipScorer | None = None,
+    progress: bool = False,
+    **kw: Any,
+) -> dict[str, int]:
+    """Annotate each ``(generated PNG, output cutout PNG[, category name])`` item, resumably.
+
+    Arguments:
+        annotator: an annotator (``SamAnnotator``, ``ClipSegAnnotator``), several of them (the max-CLIP choice of
+            ``annotate_with``, which needs ``scorer``), or a bare SAM predictor as for ``annotate_image`` (it is
+            wrapped in a ``SamAnnotator`` with the keywords ``kw``).
+        items: ``(input image, output RGBA PNG)`` path pairs, or triples with the category name, which CLIPSeg
+            and the max-CLIP choice need.
+        scorer: the CLIP model for the choice among several annotators.
         progress: show a tqdm bar over items.
-        **kw: ``annotate_image`` keywords (``margin``, ``min_area``, ``max_area``, ``official_index``).
+        **kw: with a bare predictor only, ``annotate_image`` keywords (``margin``, ``min_area``, ``max_area``,
+            ``official_index``); annotators carry their own.
 
     An output that exists and is readable is skipped (a truncated one is redone); cutouts are written atomically
     (temporary file, then ``os.replace``). An input that fails to decode ("unreadable"), a rejected image (one
-    count per ``REJECT_REASONS`` entry) or a predictor error ("failed") is logged and counted; the run goes on.
-    Rejected images write nothing, so a rerun tries them again. Returns the counts: ``"written"``,
-    ``"skipped_existing"``, ``"unreadable"``, ``"failed"`` and each reason, all present.
+    count per ``REJECT_REASONS`` entry; with several annotators, the first one's reason when all reject) or an
+    annotator error ("failed") is logged and counted; the run goes on. Rejected images write nothing, so a rerun
+    tries them again. Returns the counts: ``"written"``, ``"skipped_existing"``, ``"unreadable"``, ``"failed"``
+    and each reason, all present; with several annotators also ``"chosen_<name>"`` for each.
     """
-    # Checked here, not per image: a bad keyword would otherwise count every image as "failed".
-    unknown = set(kw) - _ANNOTATE_KEYWORDS
-    if unknown:
-        raise TypeError(
-            f"annotate_to_disk: unknown keywords {sorted(unknown)}, expected {sorted(_ANNOTATE_KEYWORDS)}"
-        )
-    _check_area(kw.get("min_area", MIN_AREA), kw.get("max_area", MAX_AREA))
+    if hasattr(annotator, "set_image") and hasattr(annotator, "predict"):
+        # Checked here, not per image: a bad keyword would otherwise count every image as "failed".
+        unknown = set(kw) - _ANNOTATE_KEYWORDS
+        if unknown:
+            raise TypeError(
+                f"annotate_to_disk: unknown keywords {sorted(unknown)}, expected {sorted(_ANNOTATE_KEYWORDS)}"
+            )
+        annotators = [SamAnnotator(annotator, **kw)]
+    else:
+        if kw:
+            raise TypeError(
+                f"annotate_to_disk: keywords {sorted(kw)} apply to a bare SAM predictor only; set them on the "
+                "annotator"
+            )
+        annotators = list(annotator) if isinstance(annotator, Sequence) else [annotator]
+    names = _check_annotators(annotators)
+    multi = len(annotators) > 1
+    if multi and scorer is None:
+        raise ValueError(f"annotate_to_disk: choosing among {names} needs a CLIP scorer, got scorer=None")
+    needs_name = multi or any(getattr(a, "uses_category_name", True) for a in annotators)
+    items = [_check_item(item, needs_name) for item in items]
     counts = dict.fromkeys(("written", "skipped_existing", "unreadable", "failed", *REJECT_REASONS), 0)
-    items = list(items)
+    if multi:
+        counts.update({f"chosen_{n}": 0 for n in names})
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc="annotate")
-    for src, dst in items:
-        src, dst = Path(src), Path(dst)
+    for src, dst, category_name in items:
         if bar is not None:
             bar.update(1)
         if dst.exists():
@@ -265,17 +578,18 @@ def annotate_to_disk(
         try:
             with Image.open(src) as f:
                 image = np.asarray(f.convert("RGB"))
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             logger.warning("%s: cannot decode the image (%s); skipped", src, e)
             counts["unreadable"] += 1
             continue
         try:
-            result = annotate_image(predictor, image, **kw)
+            choice = annotate_with(annotators, image, category_name, scorer=scorer if multi else None)
         except Exception:  # one bad image must not end a run over a million; logged with its traceback
             logger.exception("%s: annotation failed", src)
             counts["failed"] += 1
             continue
-        if result.reason is not None:
+        result = choice.annotation
+        if choice.annotator is None:
             logger.info(
                 "%s: rejected (%s, foreground %.2f%% of the image)",
                 src,
@@ -284,9 +598,26 @@ def annotate_to_disk(
             )
             counts[result.reason] += 1
             continue
+        if multi:
+            counts[f"chosen_{choice.annotator}"] += 1
+            logger.debug("%s: %s chosen, CLIP scores %s", src, choice.annotator, choice.scores)
         save_image_atomic(Image.fromarray(result.rgba), dst)
         counts["written"] += 1
     if bar is not None:
         bar.close()
     logger.info("annotate: %s", counts)
     return counts
+
+
+def _check_item(item: Any, needs_name: bool) -> tuple[Path, Path, str]:
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) not in (2, 3):
+        raise ValueError(
+            f"annotate_to_disk: expected (image, output) or (image, output, name) items, got {item!r}"
+        )
+    name = item[2] if len(item) == 3 else ""
+    if needs_name and not (isinstance(name, str) and name):
+        raise ValueError(
+            f"annotate_to_disk: item {item!r} has no category name, which CLIPSeg and the max-CLIP choice need "
+            "(pass (image, output, category name))"
+        )
+    return Path(item[0]), Path(item[1]), name

@@ -7,6 +7,9 @@ ids 1204-1453). Prompts are either one template line per category (``template_pr
 ``tools/generate_prompt.py``) or prompt files in the official layout ``input/<set>/<lvis_id>.txt``, one prompt
 per line (``read_prompt_dir``; e.g. the 128 ChatGPT lines of ``gpt_prompt/``).
 
+Optionally, a local LLM writes the diverse prompt lists (``diversify_prompts``, DiverGen's 128 ChatGPT prompts per
+category with a model of your choice) and ``write_prompt_dir`` stores them in that layout.
+
 ``plan_jobs`` expands them into one ``GenerationJob`` per image with its own seed, and ``shard_jobs`` splits the
 jobs over ranks by whole categories. A job's seed depends only on (seed, category_id, prompt_index,
 sample_index), so adding categories, raising ``images_per_category`` or resuming never changes the seed of a job
@@ -22,6 +25,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -238,6 +242,35 @@ def read_prompt_dir(
     return out
 
 
+def write_prompt_dir(prompts: Mapping[int, Sequence[str]], root: str | os.PathLike) -> Path:
+    """Write ``{category_id: prompts}`` in the official layout ``<root>/<lvis_id>.txt``, one prompt per line
+    (divergen.md §1.1), each file atomically (temporary file, then ``os.replace``); returns ``root``.
+
+    ``read_prompt_dir(root, categories)`` gives ``prompts`` back unchanged, so a prompt that would not survive a
+    line-per-prompt file (blank, surrounded by whitespace, or holding a line break) is a ``ValueError`` naming
+    its category and index. Files of other categories already in ``root`` are left alone.
+    """
+    root = Path(root)
+    for cid, lines in prompts.items():
+        if isinstance(lines, str) or not lines:
+            raise ValueError(f"prompts[{cid}]: expected a non-empty list of prompts, got {lines!r:.200}")
+        for i, p in enumerate(lines):
+            if not isinstance(p, str) or not p or p != p.strip() or len(p.splitlines()) != 1:
+                raise ValueError(
+                    f"prompts[{cid}][{i}]: expected a one-line prompt without surrounding whitespace, got {p!r:.200}"
+                )
+    root.mkdir(parents=True, exist_ok=True)
+    for cid, lines in prompts.items():
+        path = root / f"{int(cid)}.txt"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text("".join(f"{p}\n" for p in lines), encoding="utf-8")
+            os.replace(tmp, path)  # readers never see a half-written prompt file
+        finally:
+            tmp.unlink(missing_ok=True)
+    return root
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 
 
@@ -338,3 +371,264 @@ def shard_jobs(jobs: Sequence[GenerationJob], rank: int, world_size: int) -> lis
     ids = sorted({j.category_id for j in jobs})
     mine = set(ids[rank::world_size])
     return [j for j in jobs if j.category_id in mine]
+
+
+# ------------------------------------------------------------------------------------------------ LLM prompts
+
+# divergen.md §1.1: DiverGen's 128 ChatGPT prompts per category open with one of these (about equal shares), vary
+# colour / shape / attributes / context, and always end with ", in a white background" (the meta-prompt itself is
+# not published; this instruction asks for the same shape of line).
+DIVERSIFY_OPENINGS = (
+    "A photo of",
+    "A real photo of",
+    "An image of",
+    "An illustration of",
+    "A photography of",
+)
+WHITE_BACKGROUND = ", in a white background"
+DIVERSIFY_INSTRUCTION = (
+    "Write {n} different prompts for a text-to-image model. Each prompt describes one single {name}{definition}. "
+    "Vary the colour, shape, size, material, style, viewpoint and other attributes of the {name} from one prompt "
+    'to the next. Start each prompt with one of: {openings}. End each prompt with "{suffix}". Write one prompt '
+    "per line and nothing else."
+)
+MAX_PROMPT_CHARS = 300
+# A leading list marker: "-", "•", "1.", "1)", "(1)", "#1:", "Prompt 1:" ... (a number only before a space, so
+# "1.5 litre bottle" keeps its number).
+_MARKER = re.compile(
+    r"^(?:[-*•·–—>]+\s*|\(?\d{1,4}[.):\]](?:\s+|$)|\d{1,4}\s+-\s+|#\s*\d+\s*[.):-]?\s*|prompt\s*\d*\s*[:.)-]\s*)",
+    re.I,
+)
+_QUOTES = " \t\"'`*“”‘’«»"
+
+
+def hf_from_pretrained(cls: Any, model: str | os.PathLike, *, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model, **kwargs)`` for a local directory or a Hugging Face hub id, with errors that
+    say what is missing and how to fetch it without network. ``what`` names the model in the messages."""
+    name = str(model)
+    path = Path(name).expanduser()
+    is_local = path.exists()
+    if not is_local and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"{what} {name!r}: no such local directory")
+    source = str(path) if is_local else name
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:  # transformers: OSError for missing files / no network
+        if is_local:
+            raise OSError(f"{what} {source}: cannot load a {cls.__name__} from it ({e})") from e
+        raise OSError(
+            f"{what} {name!r}: not a local directory and not loadable from the Hugging Face hub ({e}). Without "
+            f"network download it first, e.g. `huggingface-cli download {name} --local-dir <dir>`, then pass <dir>."
+        ) from e
+
+
+def load_llm(model_path: str | os.PathLike, *, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:
+    """``(AutoModelForCausalLM, AutoTokenizer)`` from a local directory or hub id, in eval mode on ``device``
+    (``dtype``: e.g. ``torch.bfloat16`` on a GPU; ``None`` keeps the checkpoint's default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = hf_from_pretrained(AutoTokenizer, model_path, what="LLM tokenizer")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = hf_from_pretrained(AutoModelForCausalLM, model_path, what="LLM", **kwargs)
+    model.to(device).eval()
+    logger.info("loaded LLM %s on %s", model_path, device)
+    return model, tokenizer
+
+
+def diversify_instruction(category: PromptCategory, n: int) -> str:
+    """The request for ``n`` prompts about ``category`` (name with "_" -> " ", and its definition if any)."""
+    definition = category.definition.strip().rstrip(".")
+    return DIVERSIFY_INSTRUCTION.format(
+        n=n,
+        name=category.name.replace("_", " "),
+        definition=f" ({definition})" if definition else "",
+        openings=", ".join(f'"{o}"' for o in DIVERSIFY_OPENINGS),
+        suffix=WHITE_BACKGROUND.lstrip(", "),
+    )
+
+
+def category_mentions(category: PromptCategory) -> tuple[str, ...]:
+    """Lower-case names a prompt about ``category`` must contain one of: its name and synonyms, "_" -> " ",
+    without LVIS's parenthesised sense (``bow_(weapon)`` -> "bow")."""
+    names = (category.name, *category.synonyms)
+    out = {re.sub(r"\s*\(.*?\)", "", n.replace("_", " ")).strip().lower() for n in names}
+    return tuple(sorted(n for n in out if n))
+
+
+def parse_prompt_lines(
+    text: str, *, mentions: Sequence[str] = (), max_chars: int = MAX_PROMPT_CHARS
+) -> list[str]:
+    """The prompts in an LLM's answer ``text``, one per line, in order, without duplicates.
+
+    Each line loses its list marker ("1.", "2)", "-", "*", "Prompt 3:") and surrounding quotes / markdown, and
+    its inner whitespace is collapsed. Dropped: empty lines, headings and preambles (ending with ":"), lines
+    mentioning none of ``mentions`` (case-insensitive; ``category_mentions``; empty = no check), and lines over
+    ``max_chars`` characters. A line without "white background" gets ``WHITE_BACKGROUND`` appended (its final
+    period dropped first), as every DiverGen prompt ends with it (divergen.md §1.1). Duplicates are found
+    case-insensitively; the first is kept.
+    """
+    out, seen = [], set()
+    for raw in text.splitlines():
+        line = _MARKER.sub("", raw.strip(_QUOTES), count=1).strip(_QUOTES)
+        line = " ".join(line.split())
+        if not line or line.endswith(":"):
+            continue
+        lower = line.lower()
+        if mentions and not any(m in lower for m in mentions):
+            continue
+        if "white background" not in lower:
+            line = line.rstrip(".").rstrip() + WHITE_BACKGROUND
+        key = line.lower()
+        if len(line) > max_chars or key in seen:
+            continue
+        seen.add(key)
+        out.append(line)
+    return out
+
+
+def diversify_prompts(
+    categories: Sequence[PromptCategory],
+    *,
+    model_path: str | os.PathLike | None = None,
+    llm: tuple[Any, Any] | None = None,
+    prompts_per_category: int = 128,
+    lines_per_request: int = 16,
+    batch_size: int = 8,
+    max_rounds: int = 4,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    require_name: bool = True,
+    template: str = "divergen",
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[int, list[str]]:
+    """``{category_id: prompts_per_category prompts}`` written by a local LLM, DiverGen's prompt diversity
+    (divergen.md §1.1: 128 ChatGPT prompts per category) with a model of your choice. Off by default in the
+    pipeline; the result goes to ``write_prompt_dir`` / ``plan_jobs(prompts=...)``.
+
+    Per category and round, one ``generate`` call samples up to ``batch_size`` answers, each to the request for
+    ``lines_per_request`` prompts (``diversify_instruction``, through the tokenizer's chat template when it has
+    one, else as plain text); ``parse_prompt_lines`` keeps the valid new lines. After ``max_rounds`` rounds a
+    category still short of prompts is filled up with copies of its ``template_prompt`` (logged: how many).
+
+    Arguments:
+        categories: the categories (``load_categories``).
+        model_path: a local directory or hub id for ``load_llm``; or pass ``llm``.
+        llm: an already loaded ``(model, tokenizer)``, instead of ``model_path``.
+        prompts_per_category: N, >= 1.
+        lines_per_request: prompts asked for in one answer.
+        batch_size: answers sampled per ``generate`` call.
+        max_rounds: ``generate`` calls per category at most, >= 1.
+        max_new_tokens: tokens per answer (about 30 per prompt line).
+        temperature, top_p: sampling.
+        require_name: drop lines that do not name the category (``category_mentions``).
+        template: for the fill (``template_prompt``).
+        seed: sampling seed; category ``c``'s round ``r`` samples from a seed derived from ``(seed, c, r)``, so
+            a category's prompts do not depend on the other categories. The caller's RNG state is restored.
+        device: where ``model_path`` is loaded.
+    """
+    import torch
+
+    if (model_path is None) == (llm is None):
+        raise ValueError("diversify_prompts: pass exactly one of model_path and llm")
+    for key, value in [
+        ("prompts_per_category", prompts_per_category),
+        ("lines_per_request", lines_per_request),
+        ("batch_size", batch_size),
+        ("max_rounds", max_rounds),
+        ("max_new_tokens", max_new_tokens),
+    ]:
+        if value < 1:
+            raise ValueError(f"diversify_prompts: {key} must be >= 1, got {value}")
+    model, tokenizer = llm if llm is not None else load_llm(model_path, device=device)
+    model_device = next(model.parameters()).device
+    # Sampling seeds the global RNGs: fork the CPU one and, on a GPU, that GPU's, so the caller's are restored.
+    fork = []
+    if model_device.type == "cuda":
+        fork = [model_device.index if model_device.index is not None else torch.cuda.current_device()]
+    out: dict[int, list[str]] = {}
+    for category in categories:
+        cid = category.category_id
+        mentions = category_mentions(category) if require_name else ()
+        lines: list[str] = []
+        seen: set[str] = set()
+        for round_index in range(max_rounds):
+            missing = prompts_per_category - len(lines)
+            if missing <= 0:
+                break
+            n_lines = min(lines_per_request, missing)
+            n_answers = min(batch_size, -(-missing // n_lines))
+            instruction = diversify_instruction(category, n_lines)
+            with torch.random.fork_rng(devices=fork):
+                torch.manual_seed(_mix32(_category_key(seed, cid) ^ round_index))
+                answers = _sample_answers(
+                    model,
+                    tokenizer,
+                    instruction,
+                    num=n_answers,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                )
+            for answer in answers:
+                for line in parse_prompt_lines(answer, mentions=mentions):
+                    if line.lower() not in seen and len(lines) < prompts_per_category:
+                        seen.add(line.lower())
+                        lines.append(line)
+        filled = prompts_per_category - len(lines)
+        if filled:
+            logger.warning(
+                "category %d (%s): the LLM gave %d valid prompts of %d; filled %d with the template prompt",
+                cid,
+                category.name,
+                len(lines),
+                prompts_per_category,
+                filled,
+            )
+            lines += [template_prompt(category, template)] * filled
+        out[cid] = lines
+    return out
+
+
+def _sample_answers(
+    model: Any,
+    tokenizer: Any,
+    instruction: str,
+    *,
+    num: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> list[str]:
+    """``num`` sampled answers of ``model`` to ``instruction``, decoded without the prompt."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": instruction}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(f"{instruction}\n\n", return_tensors="pt")
+    n_in = enc["input_ids"].shape[1]
+    # GPT-2-style absolute positions fail with an IndexError deep inside generate() past their table; say why.
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n_in + max_new_tokens > limit:
+        raise ValueError(
+            f"diversify_prompts: the LLM's context holds {limit} tokens, but the request takes {n_in} and "
+            f"max_new_tokens is {max_new_tokens}: lower max_new_tokens and lines_per_request, or use a longer model"
+        )
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num,
+            pad_token_id=pad,
+        )
+    return tokenizer.batch_decode(out[:, n_in:], skip_special_tokens=True)

@@ -3,7 +3,6 @@ hand-drawn masks from a fake predictor, and a tiny random-weight SAM end to end 
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from divergen.annotate import (
     load_sam,
 )
 from divergen.pool import largest_component
+from divergen.tiny_models import build_tiny_sam
 
 segment_anything = pytest.importorskip("segment_anything")
 
@@ -209,47 +209,10 @@ def test_annotate_image_rejects_wrong_mask_shape():
 
 
 # ---------------------------------------------------------------------------------------------- tiny SAM
-def _tiny_sam(checkpoint=None):
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    dim, img_size, patch = 32, 64, 16
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=img_size,
-            patch_size=patch,
-            embed_dim=dim,
-            depth=1,
-            num_heads=2,
-            mlp_ratio=2.0,
-            out_chans=dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=0,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(img_size // patch, img_size // patch),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=4,
-        ),
-        mask_decoder=MaskDecoder(
-            transformer_dim=dim,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, num_heads=2, mlp_dim=64),
-            num_multimask_outputs=3,
-            iou_head_depth=2,
-            iou_head_hidden_dim=32,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
-
-
 def test_tiny_sam_end_to_end():
     from segment_anything import SamPredictor
 
-    torch.manual_seed(0)
-    predictor = SamPredictor(_tiny_sam())
+    predictor = SamPredictor(build_tiny_sam(seed=0))
     image = np.full((H, W, 3), 255, np.uint8)
     image[8:21, 10:25] = (200, 30, 30)
     result = annotate_image(predictor, image, min_area=0.0, max_area=1.0)
@@ -280,9 +243,8 @@ def test_load_sam_loads_weights(tmp_path, monkeypatch):
     from segment_anything import SamPredictor
 
     # The registry's builder stands in for ViT-B, so that no 90M-parameter model is built.
-    monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", _tiny_sam)
-    torch.manual_seed(1)
-    reference = _tiny_sam()
+    monkeypatch.setitem(segment_anything.sam_model_registry, "vit_b", build_tiny_sam)  # seed 0
+    reference = build_tiny_sam(seed=1)  # other weights: the checkpoint must really be loaded
     torch.save(reference.state_dict(), tmp_path / "tiny.pth")
     predictor = load_sam(tmp_path / "tiny.pth", model_type="vit_b", device="cpu")
     assert isinstance(predictor, SamPredictor) and not predictor.model.training
