@@ -415,7 +415,10 @@ def _build(cls: type, table: Any, *, prefix: str, where: str, base: Any = None) 
             values[name] = _build(tp, value, prefix=key, where=where, base=sub_base)
         else:
             values[name] = _convert(value, tp, key, where)
-    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ValueError as e:  # a dataclass's own __post_init__ check (e.g. generators.GeneratorSpec)
+        raise ConfigError(f"{prefix or 'config'} {where}: {e}") from e
 
 
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -446,6 +449,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             fail()
+        if dataclasses.is_dataclass(args[0]):  # an array of tables: [[generators]] in a generate config
+            return [_build(args[0], v, prefix=f"{key}[{i}]", where=where) for i, v in enumerate(value)]
         return [_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -613,6 +618,8 @@ def config_to_dict(cfg: Any) -> dict:
     def plain(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
+        if dataclasses.is_dataclass(v):
+            return config_to_dict(v)
         return v
 
     return {
@@ -659,6 +666,8 @@ def _toml_value(v: Any) -> str:
         return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an element of an array of tables, written inline
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
 
 

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("sd", "if", "diffusers")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# X-Paste's "runwayml/stable-diffusion-v1-5" (divergen.md §1.1); that hub repo is gone, this is its mirror.
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+IF_STAGE1_MODEL, IF_STAGE2_MODEL = "DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-II-L-v1.0"
 _DEFAULT_NAMES = {"sd": "sd15", "if": "if", "diffusers": "diffusers"}
 
 
@@ -52,8 +55,8 @@ class GeneratorSpec:
     "diffusers").
     """
 
-    kind: str
-    model: str
+    kind: str = "sd"
+    model: str = SD15_MODEL
     model_stage2: str = ""
     dtype: str = "float16"
     steps: int = 50

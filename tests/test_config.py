@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import logging
 import tomllib
 from pathlib import Path
 
@@ -423,13 +422,7 @@ def _cli(name: str):
     return module
 
 
-def test_generate_cli_loads_the_config_then_exits_2(caplog):
-    with caplog.at_level(logging.ERROR):
-        assert _cli("generate").main(["--config", str(CONFIGS / "tiny.toml"), "--set", "train.seed=3"]) == 2
-    assert "not implemented yet" in caplog.text
-
-
-@pytest.mark.parametrize("name", ["train", "evaluate", "generate"])
+@pytest.mark.parametrize("name", ["train", "evaluate"])
 def test_clis_report_config_errors_with_exit_2(name, capsys):
     with pytest.raises(SystemExit) as e:
         _cli(name).main(["--config", str(CONFIGS / "tiny.toml"), "--set", "model.num_clases=3"])
