@@ -51,7 +51,7 @@ def make_config(assets: dict[str, Path], output_dir: Path, *overrides: str) -> G
 output_dir = "{output_dir}"
 device = "cpu"
 [prompts]
-annotations = "{assets['train_json']}"
+annotations = "{assets["train_json"]}"
 images_per_category = 6
 [[generators]]
 kind = "sd"
@@ -62,10 +62,10 @@ batch_size = 4
 sam_checkpoint = "unused: load_sam is replaced"
 [filter]
 clip_model = "{tiny_models.TINY_CLIP_MODEL}"
-clip_model_config = "{assets['clip_config']}"
-clip_pretrained = "{assets['clip_weights']}"
+clip_model_config = "{assets["clip_config"]}"
+clip_pretrained = "{assets["clip_weights"]}"
 min_inter_similarity = 0.0
-real_image_root = "{assets['image_root']}"
+real_image_root = "{assets["image_root"]}"
 batch_size = 4
 """
     )
@@ -162,7 +162,9 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text('[prompts]\nannotations = "a.json"\n[[generators]]\nmodell = "x"\n')
     with pytest.raises(ConfigError, match=r"generators\[0\]\.modell"):
         load_generate_config(path)
-    path.write_text('[prompts]\nannotations = "a.json"\n[[generators]]\nkind = "sd"\n[[generators]]\nkind = "sd"\n')
+    path.write_text(
+        '[prompts]\nannotations = "a.json"\n[[generators]]\nkind = "sd"\n[[generators]]\nkind = "sd"\n'
+    )
     with pytest.raises(ConfigError, match="distinct"):
         load_generate_config(path)
     path.write_text('[prompts]\nannotations = "a.json"\n[annotate]\nannotators = ["sam", "u2net"]\n')
@@ -224,7 +226,15 @@ def test_pipeline_writes_a_pool_train_can_read(assets, tmp_path, fakes):
     kept = {r["cutout"] for r in scores if r["clip_inter_sim"] >= 0.0}
     assert {r["path"] for r in records} == kept and kept
     for r in records:
-        assert set(r) >= {"path", "category_id", "generator", "prompt", "seed", "clip_score", "clip_inter_sim"}
+        assert set(r) >= {
+            "path",
+            "category_id",
+            "generator",
+            "prompt",
+            "seed",
+            "clip_score",
+            "clip_inter_sim",
+        }
         with Image.open(out / r["path"]) as im:
             assert im.mode == "RGBA"
     # The report adds up, per category and in total.
@@ -328,10 +338,14 @@ def test_cli_runs_stages_and_saves_the_resolved_config(assets, tmp_path, fakes):
     cfg = make_config(assets, tmp_path / "run")
     config = tmp_path / "run.toml"
     cli = _generate_cli()
-    assert cli.main(["--config", str(config), "--stage", "prompts", "--stage", "generate", "--no-progress"]) == 0
+    assert (
+        cli.main(["--config", str(config), "--stage", "prompts", "--stage", "generate", "--no-progress"]) == 0
+    )
     out = Path(cfg.output_dir)
     assert load_config(out / "config.toml", schema=GenerateConfig) == cfg
-    assert len(list((out / "images").rglob("*.png"))) == NUM_CATEGORIES * 6 and not (out / "pool.jsonl").exists()
+    assert (
+        len(list((out / "images").rglob("*.png"))) == NUM_CATEGORIES * 6 and not (out / "pool.jsonl").exists()
+    )
     with pytest.raises(SystemExit) as e:
         cli.main(["--config", str(config), "--set", "filter.min_inter_similarty=0.5"])
     assert e.value.code == 2
