@@ -33,8 +33,8 @@ from PIL import Image
 
 from .clip_filter import ClipScorer, clip_scores
 from .generators import is_readable_image, save_image_atomic
+from .hub import hf_from_pretrained
 from .pool import largest_component
-from .prompts import hf_from_pretrained
 
 logger = logging.getLogger(__name__)
 

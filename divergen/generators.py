@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .hub import download_hint, model_source
 from .prompts import GenerationJob
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,7 @@ def _torch_dtype(spec: GeneratorSpec, device: torch.device) -> torch.dtype:
 def _from_pretrained(cls: Any, model: str, *, dtype: torch.dtype, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` with the fp16 weight variant where the repo has one (divergen.md §1.1: IF is
     loaded with ``variant='fp16'``), falling back to the default weights; clear errors for missing weights."""
-    path = Path(model).expanduser()
-    is_local = path.exists()
-    if not is_local and (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
-        raise FileNotFoundError(f"generator model {model!r}: no such local directory")
-    source = str(path) if is_local else model
+    source, is_local = model_source(model, what="generator model")
     attempts = [{"variant": "fp16"}, {}] if dtype == torch.float16 else [{}]
     error: Exception | None = None
     for extra in attempts:
@@ -119,9 +116,7 @@ def _from_pretrained(cls: Any, model: str, *, dtype: torch.dtype, **kwargs: Any)
         ) from error
     raise OSError(
         f"generator model {model!r}: not a local directory and not loadable from the Hugging Face hub ({error}). "
-        f"Without network the weights must be downloaded first, e.g. `huggingface-cli download {model} "
-        f"--local-dir <dir>` (gated models such as DeepFloyd IF need the licence accepted and `huggingface-cli "
-        f"login`), then pass <dir> as the model."
+        + download_hint(model)
     ) from error
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .data import CategoryInfo
+from .hub import hf_from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -400,26 +401,6 @@ _MARKER = re.compile(
     re.I,
 )
 _QUOTES = " \t\"'`*“”‘’«»"
-
-
-def hf_from_pretrained(cls: Any, model: str | os.PathLike, *, what: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model, **kwargs)`` for a local directory or a Hugging Face hub id, with errors that
-    say what is missing and how to fetch it without network. ``what`` names the model in the messages."""
-    name = str(model)
-    path = Path(name).expanduser()
-    is_local = path.exists()
-    if not is_local and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
-        raise FileNotFoundError(f"{what} {name!r}: no such local directory")
-    source = str(path) if is_local else name
-    try:
-        return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:  # transformers: OSError for missing files / no network
-        if is_local:
-            raise OSError(f"{what} {source}: cannot load a {cls.__name__} from it ({e})") from e
-        raise OSError(
-            f"{what} {name!r}: not a local directory and not loadable from the Hugging Face hub ({e}). Without "
-            f"network download it first, e.g. `huggingface-cli download {name} --local-dir <dir>`, then pass <dir>."
-        ) from e
 
 
 def load_llm(model_path: str | os.PathLike, *, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from divergen import prompts
+from divergen.hub import hf_from_pretrained
 from divergen.prompts import (
     DIVERSIFY_OPENINGS,
     PromptCategory,
     category_mentions,
     diversify_instruction,
     diversify_prompts,
-    hf_from_pretrained,
     parse_prompt_lines,
     read_prompt_dir,
     template_prompt,
