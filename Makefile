@@ -4,6 +4,7 @@
 #   make demo    synthetic data -> train configs/demo.toml -> evaluate its final EMA weights (LVIS AP table)
 #   make demo-paste   the same run with the synthetic "generated" instance pool pasted in ([paste] enabled)
 #   make demo-bsgal   ... and BSGAL selecting the pasted batches ([bsgal] enabled), then its report
+#   make demo-generate   generate.py on CPU with tiny random-weight models: prompts -> images -> cut-outs -> pool
 #   make lint    ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ DEMO_OUTPUT := output/demo
 DEMO_PASTE_OUTPUT := output/demo_paste
 DEMO_BSGAL_OUTPUT := output/demo_bsgal
 
-.PHONY: venv test demo demo-paste demo-bsgal demo-data lint
+.PHONY: venv test demo demo-paste demo-bsgal demo-data demo-generate lint
 
 venv: $(PY)
 
@@ -54,6 +55,11 @@ demo-bsgal: demo-data
 # The dataset and its "generated" instance pool (40 cutouts per category, 30% corrupted); kept if up to date.
 demo-data: venv
 	$(PY) -m divergen.synthetic --root $(DEMO_DATA) --pool-per-category 40
+
+# The generation chain on the synthetic dataset's categories; the models are seeded random stand-ins.
+demo-generate: demo-data
+	$(PY) -m divergen.tiny_models --root data/tiny_models
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --config configs/generate_demo.toml
 
 lint: venv
 	$(VENV)/bin/ruff check .

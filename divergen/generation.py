@@ -46,6 +46,7 @@ from . import annotate, clip_filter, prompts
 from . import generation_report as report
 from .config import ConfigError, load_config
 from .generators import GeneratorSpec, image_path
+from .hub import model_source
 from .pool import write_pool_index
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,44 @@ def generate_config_errors(cfg: GenerateConfig) -> list[str]:
     if cfg.filter.batch_size < 1 or cfg.filter.max_real_crops_per_category < 0:
         errors.append("filter.batch_size must be >= 1 and filter.max_real_crops_per_category >= 0")
     return errors
+
+
+def missing_inputs(cfg: GenerateConfig, stages: Iterable[str]) -> list[str]:
+    """The input files and folders that ``stages`` need and do not exist, each named by its config key, so that a
+    run fails before hours of work instead of at the stage that needs the file."""
+    stages, problems = set(stages), []
+
+    def need(key: str, value: str, *, folder: bool = False) -> None:
+        path = Path(value).expanduser()
+        if not (path.is_dir() if folder else path.is_file()):
+            problems.append(f"{key} = {value!r}: no such {'folder' if folder else 'file'}")
+
+    p, a, f = cfg.prompts, cfg.annotate, cfg.filter
+    need("prompts.annotations", p.annotations)
+    if p.extra_categories:
+        need("prompts.extra_categories", p.extra_categories)
+    if "prompts" in stages and p.prompt_dir:
+        need("prompts.prompt_dir", p.prompt_dir, folder=True)
+    if "generate" in stages:
+        for i, g in enumerate(cfg.generators):
+            for key in ("model", "model_stage2"):
+                try:
+                    if getattr(g, key):
+                        model_source(getattr(g, key), what=f"generators[{i}].{key}")
+                except FileNotFoundError as e:
+                    problems.append(str(e))
+    if "annotate" in stages and "sam" in a.annotators:
+        need("annotate.sam_checkpoint", a.sam_checkpoint)
+    if "filter" in stages or ("annotate" in stages and len(a.annotators) > 1):
+        if f.clip_model_config:
+            need("filter.clip_model_config", f.clip_model_config)
+        if f.clip_pretrained and Path(f.clip_pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors"):
+            need("filter.clip_pretrained", f.clip_pretrained)
+    if "filter" in stages:
+        if f.real_annotations:
+            need("filter.real_annotations", f.real_annotations)
+        need("filter.real_image_root", f.real_image_root or ".", folder=True)
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -734,6 +773,9 @@ def run(
     if wanted - set(STAGES):
         raise ValueError(f"unknown stages {sorted(wanted - set(STAGES))}; expected names from {STAGES}")
     stages = [s for s in STAGES if s in wanted]
+    problems = missing_inputs(cfg, stages)
+    if problems:
+        raise FileNotFoundError("generate: missing inputs:\n  " + "\n  ".join(problems))
     ctx = Context(
         cfg=cfg,
         layout=Layout(Path(cfg.output_dir)),

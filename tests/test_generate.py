@@ -40,7 +40,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         root / "data", num_train=24, num_val=2, num_categories=NUM_CATEGORIES, image_size=(64, 80)
     )
     clip_config, clip_weights = tiny_models.save_tiny_clip(root / "clip")
-    return {**data, "clip_config": clip_config, "clip_weights": clip_weights}
+    sam = root / "sam.pth"
+    sam.write_bytes(b"")  # load_sam is replaced; the file only has to exist
+    return {**data, "clip_config": clip_config, "clip_weights": clip_weights, "sam": sam}
 
 
 def make_config(assets: dict[str, Path], output_dir: Path, *overrides: str) -> GenerateConfig:
@@ -59,7 +61,7 @@ model = "unused: load_generator is replaced"
 dtype = "float32"
 batch_size = 4
 [annotate]
-sam_checkpoint = "unused: load_sam is replaced"
+sam_checkpoint = "{assets['sam']}"
 [filter]
 clip_model = "{tiny_models.TINY_CLIP_MODEL}"
 clip_model_config = "{assets["clip_config"]}"
@@ -179,6 +181,20 @@ def test_unknown_category_id_is_an_error(assets, tmp_path):
     cfg = make_config(assets, tmp_path / "run", "prompts.category_ids=[1, 999]")
     with pytest.raises(ValueError, match=r"\[999\] are not categories"):
         run(cfg, ["prompts"], progress=False)
+
+
+def test_missing_inputs_fail_before_any_work(assets, tmp_path):
+    cfg = make_config(
+        assets,
+        tmp_path / "run",
+        f"annotate.sam_checkpoint={tmp_path / 'absent.pth'}",
+        'generators=[{kind="sd", model="./weights/absent-sd"}]',
+    )
+    with pytest.raises(FileNotFoundError) as e:
+        run(cfg, progress=False)
+    assert "annotate.sam_checkpoint" in str(e.value) and "generators[0].model" in str(e.value)
+    assert not (Path(cfg.output_dir) / "prompts").exists()
+    run(cfg, ["prompts"], progress=False)  # a stage that needs neither still runs
 
 
 def test_later_stage_without_prompts_says_which_stage_to_run(assets, tmp_path):
