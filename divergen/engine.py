@@ -525,7 +525,10 @@ def _train(accelerator: Accelerator, cfg: Config, resume: str | os.PathLike | bo
     def forward(images, targets, infos, iteration) -> dict[str, Tensor]:
         if selector is None:
             return model(images, targets)
-        losses, _ = selector.select(model, images, targets, infos, iteration)
+        # Accelerate's mixed precision wraps only model.forward; the selector also runs the model's
+        # reference_cls_loss, which must see the same precision as the forwards it is compared with.
+        with accelerator.autocast():
+            losses, _ = selector.select(model, images, targets, infos, iteration)
         return losses
 
     from tqdm.auto import tqdm

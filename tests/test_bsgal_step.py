@@ -21,7 +21,7 @@ from divergen.bsgal_report import read_decisions, write_report
 from divergen.bsgal_step import Selector
 from divergen.config import load_config
 from divergen.data import collate
-from divergen.model import build_model
+from divergen.model import CenterNet2, build_model
 from divergen.paste import build_train_dataset
 from divergen.synthetic import make_synthetic_lvis
 from divergen.synthetic_pool import make_synthetic_pool
@@ -239,6 +239,28 @@ def test_training_resumes_bsgal_state_exactly_and_reports(data, tmp_path, monkey
     assert summary["decisions"] + summary["unscored (nothing pasted)"] == 4
     assert "accept_rate_by_corruption" in summary  # the synthetic pool records each instance's corruption
     assert "gallery/0000002_rank0_" in index.read_text() or summary["decisions"] < 2
+
+
+def test_mixed_precision_covers_the_reference_pass(data, tmp_path, monkeypatch):
+    """Accelerate's autocast wraps only ``model.forward``; the reference loss the cache is built from must run
+    at the training forward's precision too."""
+    seen = []
+    original = CenterNet2.reference_cls_loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CenterNet2, "reference_cls_loss", spy)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    reset_accelerate()
+    try:
+        engine.train(
+            load_config(TINY, bsgal_overrides(data, tmp_path, "train.max_iter=2", "train.batch_size=2"))
+        )
+    finally:
+        reset_accelerate()
+    assert seen and all(seen)
 
 
 @pytest.mark.parametrize("sync", ["global", "local"])
