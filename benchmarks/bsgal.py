@@ -1,13 +1,15 @@
-"""BSGAL step time and peak memory on CPU: the plain step against the official three-pass order, the fused
-shared-forward estimator (accepted and rejected iterations), and the lookahead (memory-saving) estimator.
+"""BSGAL step time and peak memory, on CPU or on a GPU: the plain step against the official three-pass order, the
+fused shared-forward estimator (accepted and rejected iterations), and the lookahead (memory-saving) estimator.
 
-    python benchmarks/bsgal.py                        # R50, every mode in a fresh process; a Markdown table
+    python benchmarks/bsgal.py                        # R50 on CPU, every mode in a fresh process; a Markdown table
     python benchmarks/bsgal.py --write                # ... and the "## bsgal.py" section of benchmarks/RESULTS.md
-    python benchmarks/bsgal.py --backbone swin-t      # a Swin-T CenterNet2 (the memory-saving comparison)
+    python benchmarks/bsgal.py --backbone swin-t      # a Swin-T CenterNet2 (the memory-saving comparison on CPU)
+    python benchmarks/bsgal.py --device cuda --backbone swinl --precision bf16 --json out.jsonl
 
 A step = what one training iteration computes before the optimizer: forward(s) + backward(s) + the selection,
-on a batch of 2 images of 640² with 10 GT each (4 of them pasted), 2 un-pasted originals and 2 reference images
-(the official R50 setting per GPU, halved as in the official 2-image CPU measurement, bsgal.md §10). Modes:
+on a batch of ``--batch`` images of ``--size``² (default 2 × 640², Swin-L 2 × 896²: the official setting per GPU,
+centernet2.md §4) with 10 GT each (4 of them pasted), the un-pasted originals and one reference image per
+training image (halved from the official 4 as in the official 2-image CPU measurement, bsgal.md §10). Modes:
 
 - ``plain``: forward + backward of the pasted batch (no selection);
 - ``official``: grad cache, only-paste candidate, ``shared_forward = false``: reference pass, a separate scoring
@@ -16,18 +18,21 @@ on a batch of 2 images of 640² with 10 GT each (4 of them pasted), 2 un-pasted 
   passes) or rejected (plus a forward + backward of the originals);
 - ``lookahead``: one SGD step per branch, reference losses, weights restored, then the training pass.
 
-Peak memory is the process's peak resident set size (``ru_maxrss``); the cache of the grad-cache modes is one
-fp32 copy of the trainable parameters.
+The point on a GPU (bsgal.md §3): the grad cache keeps a parameter-sized fp32 vector and a retained graph, the
+lookahead one weight snapshot but more passes; the paper chose the lookahead for Swin-L for its memory.
+
+``--precision bf16|fp16`` wraps ``model.forward`` in ``torch.autocast``, as Accelerate does in training: the
+selector's reference pass (``reference_cls_loss``, another method) then runs in fp32, as it does in train.py;
+``--autocast all`` autocasts it too. fp16 scales the training loss with a ``GradScaler`` (the selector's own
+gradients are unscaled, as in train.py). Memory: CPU = peak RSS (``ru_maxrss``); CUDA = peak allocated / reserved
+over the timed steps (see ``step.py``). Each mode runs in a fresh process; a failed one is a row with its error.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,38 +44,58 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import write_section  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-from step import make_batch, peak_rss_gb  # noqa: E402
+from step import (  # noqa: E402
+    BACKBONES,
+    PRECISIONS,
+    TRAIN_SIZE,
+    autocast_forward,
+    build_detector,
+    environment,
+    fmt,
+    grad_scaler,
+    make_batch,
+    measure,
+    read_jsonl,
+    run_configs,
+)
 
 from divergen.bsgal_step import Selector  # noqa: E402
-from divergen.config import BSGALConfig, SwinConfig, load_config  # noqa: E402
-from divergen.model import build_model  # noqa: E402
+from divergen.config import BSGALConfig  # noqa: E402
 
 MODES = ("plain", "official", "fused-accept", "fused-reject", "lookahead")
+NAMES = {"r50": "R50", "swin-t": "Swin-T", "swinl": "Swin-L"}
 
 
-def build(backbone: str):
-    cfg = load_config(ROOT / "configs" / ("r50.toml" if backbone == "r50" else "swinl.toml")).model
-    if backbone == "swin-t":  # Swin-T widths: Swin-L does not fit a CPU benchmark's time budget
-        cfg = dataclasses.replace(
-            cfg, swin=SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7)
-        )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.roi_heads.set_fed_loss_weights(torch.rand(cfg.num_classes) * 1000 + 1)
-    return model.train(), cfg.num_classes
-
-
-def run(mode: str, backbone: str, iters: int, warmup: int) -> dict:
-    model, num_classes = build(backbone)
-    images, targets = make_batch(2, 640, 10, num_classes, seed=0)
+def run(
+    *,
+    mode: str,
+    backbone: str,
+    device: str,
+    precision: str,
+    batch: int,
+    size: int,
+    iters: int,
+    warmup: int,
+    autocast_all: bool,
+) -> dict:
+    model, num_classes = build_detector(backbone)
+    model.to(device).train()
+    methods = ("forward", "reference_cls_loss") if autocast_all else ("forward",)
+    autocast_forward(model, device, precision, methods=methods)
+    scaler = grad_scaler(device, precision)
+    images, targets = make_batch(batch, size, 10, num_classes, seed=0)
     for t in targets:
         t["is_pasted"] = torch.arange(10) >= 6
     originals = [{k: v[~t["is_pasted"]] for k, v in t.items() if k != "is_pasted"} for t in targets]
-    ref_images, ref_targets = make_batch(2, 640, 10, num_classes, seed=1)
+    ref_images, ref_targets = make_batch(batch, size, 10, num_classes, seed=1)
+    # As in train.py: the training batch on the device, originals and references on the host (the selector
+    # moves them when a branch needs them).
     infos = [
         {"original": {"image": im, **o}, "reference": {"image": ri, **rt}}
         for im, o, ri, rt in zip(images, originals, ref_images, ref_targets, strict=True)
     ]
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     selector = None
     if mode != "plain":
         cfg = BSGALConfig(
@@ -82,6 +107,7 @@ def run(mode: str, backbone: str, iters: int, warmup: int) -> dict:
         selector = Selector(
             cfg, model, max_iter=100, rank=0, world_size=1, output_dir=Path(tempfile.mkdtemp())
         )
+    accepted = []
 
     def step(iteration: int):
         model.zero_grad(set_to_none=True)
@@ -90,23 +116,75 @@ def run(mode: str, backbone: str, iters: int, warmup: int) -> dict:
         else:
             losses, record = selector.select(model, images, targets, infos, iteration)
             assert record["accepted"] == (mode != "fused-reject") or mode == "lookahead", record
-        sum(losses.values()).backward()
+            accepted.append(bool(record["accepted"]))
+        total = sum(losses.values())
+        (scaler.scale(total) if scaler else total).backward()
 
-    for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        step(warmup + i)
-        times.append(time.perf_counter() - t0)
+    result = dict(bench="bsgal", mode=mode, backbone=backbone, precision=precision)
+    result.update(autocast="all" if autocast_all else "forward", batch=batch, size=size, iters=iters)
+    result.update(warmup=warmup, **environment(device))
+    result.update(measure(step, device=device, iters=iters, warmup=warmup))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "mode": mode,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "peak_rss_gb": peak_rss_gb(),
-        "param_gb": params * 4 / 1024**3,
-    }
+    result["param_gb"] = params * 4 / 1024**3
+    if selector is not None and mode != "lookahead":
+        result["cache_gib"] = selector.cache.nbytes / 1024**3
+    result["accepted"] = sum(accepted)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """One row per mode; "× plain" and "extra" against the plain row of the same backbone, precision, batch and
+    size. Memory = peak allocated GiB on CUDA, peak RSS GB on CPU."""
+
+    def key(r):
+        return (r["backbone"], r["precision"], r["batch"], r["size"], r.get("device"))
+
+    def memory(r):
+        return r.get("peak_alloc_gib", r.get("peak_rss_gb"))
+
+    plain = {key(r): r for r in results if r["mode"] == "plain" and "error" not in r}
+    cuda = any("peak_alloc_gib" in r for r in results)
+    mem = (
+        "peak alloc GiB | extra GiB vs plain | peak reserved GiB"
+        if cuda
+        else "peak RSS GB | extra GB vs plain"
+    )
+    lines = [
+        f"| backbone | precision | batch × size | mode | median s | × plain | {mem} |",
+        "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
+    ]
+    for r in results:
+        prec = r["precision"] + (" (+ref)" if r.get("autocast") == "all" else "")
+        what = f"| {NAMES.get(r['backbone'], r['backbone'])} | {prec} | {r['batch']} × {r['size']}² | {r['mode']} |"
+        if "error" in r:
+            lines.append(f"{what} {r['error']} | | | |" + (" |" if cuda else ""))
+            continue
+        p = plain.get(key(r))
+        ratio = f"{r['median_s'] / p['median_s']:.2f}" if p else "-"
+        extra = f"{memory(r) - memory(p):+.2f}" if p else "-"
+        row = f"{what} {r['median_s']:.3f} | {ratio} | {fmt(memory(r))} | {extra} |"
+        lines.append(row + (f" {fmt(r.get('peak_reserved_gib'))} |" if cuda else ""))
+    copies = {NAMES.get(r["backbone"], r["backbone"]): r["param_gb"] for r in results if "param_gb" in r}
+    if copies:  # what the grad cache adds (one fp32 copy of the trainable parameters), for reading "extra"
+        lines += [
+            "",
+            "One fp32 parameter copy: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in copies.items()) + ".",
+        ]
+    return "\n".join(lines)
+
+
+def cpu_table(results: list[dict]) -> str:
+    """The CPU table as RESULTS.md has always had it."""
+    plain = next((r for r in results if r["mode"] == "plain" and "error" not in r), None)
+    lines = ["| mode | median s | × plain | peak RSS GB | extra GB vs plain |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['error']} | | | |")
+            continue
+        ratio = f"{r['median_s'] / plain['median_s']:.2f}" if plain else "-"
+        extra = f"{r['peak_rss_gb'] - plain['peak_rss_gb']:+.2f}" if plain else "-"
+        lines.append(f"| {r['mode']} | {r['median_s']:.2f} | {ratio} | {r['peak_rss_gb']:.2f} | {extra} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -115,51 +193,80 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=MODES, help="run one mode in this process")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--backbone", choices=["r50", "swin-t"], default="r50")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    parser.add_argument("--autocast", choices=["forward", "all"], default="forward",
+                        help="forward: as Accelerate (reference pass fp32); all: the reference pass too")  # fmt: skip
+    parser.add_argument("--backbone", choices=BACKBONES, default="r50")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, help="image side (default 640 R50 and Swin-T, 896 Swin-L)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--write", action="store_true", help="write the results into benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default 2 on CPU, torch's own on CUDA)"
+    )
+    parser.add_argument("--timeout", type=float, help="seconds per mode before it counts as failed")
+    parser.add_argument("--json", metavar="PATH", help="append one JSON line per mode to PATH")
+    parser.add_argument(
+        "--summary", metavar="PATH", help="only print the table of the bsgal rows of a --json file"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write the results into benchmarks/RESULTS.md (CPU)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.mode:
-        print(json.dumps(run(args.mode, args.backbone, args.iters, args.warmup)))
+    if args.summary:
+        print(table(read_jsonl(args.summary, "bsgal")))
         return
-    results = []
-    for mode in args.modes:  # each in a fresh process, so that peak RSS is per mode
-        cmd = [
-            sys.executable,
-            __file__,
-            "--mode",
-            mode,
-            "--backbone",
-            args.backbone,
-            "--iters",
-            str(args.iters),
-        ]
-        cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
-    plain = next((r for r in results if r["mode"] == "plain"), None)
-    lines = ["| mode | median s | × plain | peak RSS GB | extra GB vs plain |", "|---|---:|---:|---:|---:|"]
-    for r in results:
-        ratio = f"{r['median_s'] / plain['median_s']:.2f}" if plain else "-"
-        extra = f"{r['peak_rss_gb'] - plain['peak_rss_gb']:+.2f}" if plain else "-"
-        lines.append(f"| {r['mode']} | {r['median_s']:.2f} | {ratio} | {r['peak_rss_gb']:.2f} | {extra} |")
-    table = "\n".join(lines)
-    print(table)
+    size = args.size or TRAIN_SIZE[args.backbone]
+    default_cpu = (args.device, args.precision, args.batch, size) == ("cpu", "fp32", 2, 640)
+    if args.write and not (default_cpu and args.backbone in ("r50", "swin-t")):
+        parser.error(
+            "--write records the default CPU tables (R50 / Swin-T, fp32, 2 × 640²); others go to --json"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    threads = args.threads or (2 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.mode:
+        result = run(
+            mode=args.mode,
+            backbone=args.backbone,
+            device=args.device,
+            precision=args.precision,
+            batch=args.batch,
+            size=size,
+            iters=args.iters,
+            warmup=args.warmup,
+            autocast_all=args.autocast == "all",
+        )
+        print(json.dumps(result))
+        return
+    configs = []
+    for mode in args.modes:  # each in a fresh process, so that peak memory is per mode
+        config = {"bench": "bsgal", "mode": mode, "backbone": args.backbone, "precision": args.precision}
+        config.update(autocast=args.autocast, batch=args.batch, size=size, device=args.device)
+        cmd = [__file__, "--mode", mode, "--backbone", args.backbone, "--device", args.device]
+        cmd += ["--precision", args.precision, "--autocast", args.autocast, "--batch", str(args.batch)]
+        cmd += ["--size", str(size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        cmd += ["--threads", str(threads)] if threads else []
+        configs.append((config, cmd))
+    results = run_configs(configs, timeout=args.timeout, json_path=args.json)
+    text = table(results)
+    print(text)
     if args.write:
+        ok = [r for r in results if "error" not in r]
+        if not ok:
+            sys.exit("every mode failed: RESULTS.md left as it was")
         cpu = platform.processor() or platform.machine()
-        name = {"r50": "R50", "swin-t": "Swin-T"}[args.backbone]
-        marker = f"## bsgal.py: {name}"
+        marker = f"## bsgal.py: {NAMES[args.backbone]}"
         header = (
-            f"{marker} CenterNet2, CPU, {args.threads} threads\n\n"
+            f"{marker} CenterNet2, CPU, {threads} threads\n\n"
             f"`python benchmarks/bsgal.py --backbone {args.backbone} --iters {args.iters} --write` on {cpu}, "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Batch 2 × 640², 10 GT each (4 pasted), "
-            f"2 reference images; one fp32 parameter copy = {results[0]['param_gb']:.2f} GB.\n\n"
+            f"2 reference images; one fp32 parameter copy = {ok[0]['param_gb']:.2f} GB.\n\n"
         )
-        write_section(marker, header + table + "\n")
+        write_section(marker, header + cpu_table(results) + "\n")
 
 
 if __name__ == "__main__":
