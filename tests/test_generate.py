@@ -321,6 +321,20 @@ def test_resume_after_crashes_gives_the_same_pool(assets, tmp_path, fakes):
     assert len(scored) == len(set(scored))
 
 
+def test_a_broken_image_is_counted_then_regenerated(assets, tmp_path, fakes):
+    cfg = make_config(assets, tmp_path / "run")
+    out = Path(cfg.output_dir)
+    run(cfg, ["prompts", "generate"], progress=False)
+    broken = sorted((out / "images").rglob("*.png"))[3]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG
+    counts = run(cfg, ["annotate"], progress=False)["annotate"]
+    assert counts["unreadable"] == 1 and counts["written"] + counts["empty"] == NUM_CATEGORIES * 6 - 1
+    assert Layout(out).rel(broken) not in {r["image"] for r in read_records(out / "annotations")}
+    counts = run(cfg, ["generate", "annotate"], progress=False)
+    assert counts["generate"]["sd15"]["generated"] == 1 and "unreadable" not in counts["annotate"]
+    assert Layout(out).rel(broken) in {r["image"] for r in read_records(out / "annotations")}
+
+
 def test_two_processes_split_the_categories_and_merge(assets, tmp_path, fakes):
     single = make_config(assets, tmp_path / "single")
     run(single, progress=False)
