@@ -61,7 +61,7 @@ model = "unused: load_generator is replaced"
 dtype = "float32"
 batch_size = 4
 [annotate]
-sam_checkpoint = "{assets['sam']}"
+sam_checkpoint = "{assets["sam"]}"
 [filter]
 clip_model = "{tiny_models.TINY_CLIP_MODEL}"
 clip_model_config = "{assets["clip_config"]}"
