@@ -21,9 +21,10 @@ training image (halved from the official 4 as in the official 2-image CPU measur
 The point on a GPU (bsgal.md §3): the grad cache keeps a parameter-sized fp32 vector and a retained graph, the
 lookahead one weight snapshot but more passes; the paper chose the lookahead for Swin-L for its memory.
 
-``--precision bf16|fp16`` wraps ``model.forward`` in ``torch.autocast``, as Accelerate does in training: the
-selector's reference pass (``reference_cls_loss``, another method) then runs in fp32, as it does in train.py;
-``--autocast all`` autocasts it too. fp16 scales the training loss with a ``GradScaler`` (the selector's own
+``--precision bf16|fp16`` wraps ``model.forward`` and the selector's reference pass (``reference_cls_loss``) in
+``torch.autocast``, as train.py does (``--autocast all``, the default); ``--autocast forward`` wraps only
+``model.forward``, which is what Accelerate alone does and what train.py did before the selector ran under
+``accelerator.autocast()`` (the reference pass then ran in fp32). fp16 scales the training loss with a ``GradScaler`` (the selector's own
 gradients are unscaled, as in train.py). Memory: CPU = peak RSS (``ru_maxrss``); CUDA = peak allocated / reserved
 over the timed steps (see ``step.py``). Each mode runs in a fresh process; a failed one is a row with its error.
 """
@@ -195,8 +196,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    parser.add_argument("--autocast", choices=["forward", "all"], default="forward",
-                        help="forward: as Accelerate (reference pass fp32); all: the reference pass too")  # fmt: skip
+    parser.add_argument("--autocast", choices=["forward", "all"], default="all",
+                        help="all: as train.py (the reference pass too); forward: model.forward only")  # fmt: skip
     parser.add_argument("--backbone", choices=BACKBONES, default="r50")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, help="image side (default 640 R50 and Swin-T, 896 Swin-L)")

@@ -92,11 +92,12 @@ bench "step infer swinl bf16" 2 $STEP --modes infer --backbone swinl --infer-siz
 # BSGAL: every mode, bf16 (grad cache vs lookahead: time and extra memory).
 bench "bsgal r50 bf16" 5 $BSGAL --backbone r50 --size $R50_SIZE --precision bf16
 bench "bsgal swinl bf16" 5 $BSGAL --backbone swinl --size $SWINL_SIZE --precision bf16
-# Extras, while the budget lasts: the heads under autocast too; the reference pass under autocast too.
+# Extras, while the budget lasts: the heads under autocast too; the reference pass in fp32 (the engine before it
+# ran the selector under accelerator.autocast()).
 bench "step train swinl bf16 amp-heads" 1 $STEP --modes train --backbone swinl --size $SWINL_SIZE \
     --precision bf16 --amp-heads
-bench "bsgal swinl bf16 autocast-all" 2 $BSGAL --backbone swinl --size $SWINL_SIZE --precision bf16 \
-    --autocast all --modes fused-accept lookahead
+bench "bsgal swinl bf16 autocast-forward" 2 $BSGAL --backbone swinl --size $SWINL_SIZE --precision bf16 \
+    --autocast forward --modes fused-accept lookahead
 
 {
     echo

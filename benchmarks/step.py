@@ -249,8 +249,9 @@ def run(
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             step(0)
-        sort = "device_time_total" if device == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+        # On CUDA both: the kernels that cost device time, and the host-side work that keeps the GPU waiting.
+        for sort in ("device_time_total", "self_cpu_time_total") if device == "cuda" else ("cpu_time_total",):
+            print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     return result
 
 
