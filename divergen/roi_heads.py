@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .boxes import Box2BoxTransform, batched_nms, box_area, clip_boxes, nonempty, pairwise_iou
+from .boxes import Box2BoxTransform, batched_nms_topk, box_area, clip_boxes, nonempty, pairwise_iou
 from .roi_align import roi_align
 
 # ----------------------------------------------------------------------------------------------- pooling
@@ -270,9 +270,7 @@ def fast_rcnn_inference_single_image(
     filter_mask = scores > score_thresh
     inds = filter_mask.nonzero()  # (roi, class) pairs, row-major
     boxes, scores = boxes[inds[:, 0]], scores[filter_mask]
-    keep = batched_nms(boxes.float(), scores, inds[:, 1], nms_thresh)
-    if topk >= 0:
-        keep = keep[:topk]
+    keep = batched_nms_topk(boxes.float(), scores, inds[:, 1], nms_thresh, topk)
     return boxes[keep], scores[keep], inds[keep, 1]
 
 

@@ -8,10 +8,13 @@ import pytest
 import torch
 import torchvision
 
+from divergen import boxes as boxes_module
+
 from divergen.boxes import (
     DEFAULT_SCALE_CLAMP,
     Box2BoxTransform,
     batched_nms,
+    batched_nms_topk,
     box_area,
     clip_boxes,
     nonempty,
@@ -76,3 +79,37 @@ def test_batched_nms_equals_per_class_nms():
     assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (
         0,
     )
+
+
+@pytest.mark.parametrize("topk", [0, 1, 50, 300, -1])
+def test_batched_nms_topk_equals_the_full_nms_prefix(topk, monkeypatch):
+    """On overlapping LVIS-like candidates (many classes per RoI) where the best-scored ones all belong to one
+    crowded class and suppress each other, so that the prefix must grow before 300 survive."""
+    g = torch.Generator().manual_seed(1)
+    rois = torch.rand(64, 2, generator=g) * 500
+    owner = torch.randint(64, (20000,), generator=g)
+    boxes = torch.cat([rois[owner], rois[owner] + 40], 1) + torch.randn(20000, 4, generator=g) * 4
+    scores = torch.rand(20000, generator=g)
+    classes = torch.randint(0, 1203, (20000,), generator=g)
+    crowd = torch.arange(20000) < 12000  # most candidates: one class, heavily overlapping
+    classes[crowd] = 7
+    scores[crowd] += 1.0
+    full = batched_nms(boxes, scores, classes, 0.5)
+    assert len(full) > 300
+    expected = full if topk < 0 else full[:topk]
+    sizes = []
+
+    def spy(b, *args):
+        sizes.append(len(b))
+        return batched_nms(b, *args)
+
+    monkeypatch.setattr(boxes_module, "batched_nms", spy)
+    assert torch.equal(batched_nms_topk(boxes, scores, classes, 0.5, topk), expected)
+    if topk == 300:
+        assert sizes[0] == 1200 and len(sizes) > 1  # the first prefix kept too few: it grew
+    few = torch.arange(30)
+    assert torch.equal(
+        batched_nms_topk(boxes[few], scores[few], classes[few], 0.5, topk),
+        batched_nms(boxes[few], scores[few], classes[few], 0.5)[: topk if topk >= 0 else None],
+    )
+
