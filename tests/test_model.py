@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from divergen.config import ModelConfig, load_config
+from divergen import model as model_module
 from divergen.model import LOSS_KEYS, build_model, paste_masks_in_image
 
 from .conftest import assert_close_rel
@@ -256,12 +257,13 @@ def test_inference_zero_detections_and_odd_sizes(tiny_cfg):
     assert out["masks"].shape == (0, 97, 141)
 
 
-def test_paste_masks_against_slow_reference():
-    """Bilinear paste at pixel centres, computed here one pixel at a time."""
+@pytest.mark.parametrize("whole_image", [False, True])
+def test_paste_masks_against_slow_reference(whole_image):
+    """Bilinear paste at pixel centres, computed here one pixel at a time; per-box crops and whole-image chunks."""
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(2, 28, 28, generator=g)
     boxes = torch.tensor([[3.3, 4.7, 20.2, 17.9], [0.0, 10.5, 31.0, 24.0]])
-    pasted = paste_masks_in_image(masks, boxes, (25, 31))
+    pasted = paste_masks_in_image(masks, boxes, (25, 31), whole_image=whole_image)
     for m, box, out in zip(masks, boxes, pasted):
         x0, y0, x1, y1 = box.tolist()
         ref = torch.zeros(25, 31, dtype=torch.bool)
@@ -279,6 +281,23 @@ def test_paste_masks_against_slow_reference():
                             val += (1 - abs(u - uu)) * (1 - abs(v - vv)) * float(m[vv, uu])
                 ref[y, x] = val >= 0.5
         assert (out != ref).sum() == 0
+
+
+def test_paste_masks_whole_image_equals_per_box_crops(monkeypatch):
+    """Many masks of every size (boxes smaller and much larger than the 28² mask, some at the borders), pasted
+    in several chunks: the same masks as the per-box path, at the 0.5 threshold and above."""
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(60, 28, 28, generator=g) ** 0.5
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([200.0, 150.0]) - 20
+    wh = torch.exp(torch.rand(60, 2, generator=g) * 5) + 0.5  # 1.5 to 150 px
+    boxes = torch.cat([xy, xy + wh], 1).clamp(min=0).minimum(torch.tensor([199.0, 149.0, 199.0, 149.0]))
+    boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+    masks = masks[: len(boxes)]
+    monkeypatch.setattr(model_module, "PASTE_CHUNK_BYTES", 12 * 150 * 200 * 7)  # chunks of 7 masks
+    for threshold in (0.5, 0.8):
+        crops = paste_masks_in_image(masks, boxes, (150, 200), threshold, whole_image=False)
+        whole = paste_masks_in_image(masks, boxes, (150, 200), threshold, whole_image=True)
+        assert crops.any() and torch.equal(whole, crops)
 
 
 @pytest.mark.slow
