@@ -24,9 +24,10 @@ lookahead one weight snapshot but more passes; the paper chose the lookahead for
 ``--precision bf16|fp16`` wraps ``model.forward`` and the selector's reference pass (``reference_cls_loss``) in
 ``torch.autocast``, as train.py does (``--autocast all``, the default); ``--autocast forward`` wraps only
 ``model.forward``, which is what Accelerate alone does and what train.py did before the selector ran under
-``accelerator.autocast()`` (the reference pass then ran in fp32). fp16 scales the training loss with a ``GradScaler`` (the selector's own
-gradients are unscaled, as in train.py). Memory: CPU = peak RSS (``ru_maxrss``); CUDA = peak allocated / reserved
-over the timed steps (see ``step.py``). Each mode runs in a fresh process; a failed one is a row with its error.
+``accelerator.autocast()`` (the reference pass then ran in fp32). fp16 scales the training loss with a
+``GradScaler`` (the selector's own gradients are unscaled, as in train.py). Memory: CPU = peak RSS
+(``ru_maxrss``); CUDA = peak allocated / reserved over the timed steps (see ``step.py``). Each mode runs in a
+fresh process; a failed one is a row with its error.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import torch
 import torchvision
 
 from divergen import boxes as boxes_module
-
 from divergen.boxes import (
     DEFAULT_SCALE_CLAMP,
     Box2BoxTransform,

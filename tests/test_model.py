@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from divergen.config import ModelConfig, load_config
 from divergen import model as model_module
+from divergen.config import ModelConfig, load_config
 from divergen.model import LOSS_KEYS, build_model, paste_masks_in_image
 
 from .conftest import assert_close_rel
