@@ -156,4 +156,3 @@ def batched_nms_topk(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
             return head[keep[:topk]]
         m *= 4
     return batched_nms(boxes, scores, idxs, iou_threshold)[:topk]
-

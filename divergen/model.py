@@ -270,7 +270,9 @@ def _paste_whole_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
     ys = torch.arange(h, device=masks.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=masks.device, dtype=torch.float32) + 0.5
     boxes = boxes.float()
-    chunk = max(1, PASTE_CHUNK_BYTES // (12 * h * w))  # the grid (2 floats) and the samples (1 float) per pixel
+    chunk = max(
+        1, PASTE_CHUNK_BYTES // (12 * h * w)
+    )  # the grid (2 floats) and the samples (1 float) per pixel
     for start in range(0, len(masks), chunk):
         b = boxes[start : start + chunk]
         gy = (ys[None, :] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # (k, H), as the per-box formula

@@ -111,4 +111,3 @@ def test_batched_nms_topk_equals_the_full_nms_prefix(topk, monkeypatch):
         batched_nms_topk(boxes[few], scores[few], classes[few], 0.5, topk),
         batched_nms(boxes[few], scores[few], classes[few], 0.5)[: topk if topk >= 0 else None],
     )
-
