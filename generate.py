@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,9 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if errors:
         parser.error(str(ConfigError(f"in {args.config}:\n  " + "\n  ".join(errors))))
 
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Several processes on a machine without GPUs (`accelerate launch --multi_gpu`, torchrun): Accelerate would run
+    # each process alone unless told it is a CPU run (gloo), as train.py and evaluate.py do.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=world_size > 1 and not torch.accelerator.is_available())
+    if state.num_processes != world_size:
+        log.error("launched as %d processes (WORLD_SIZE) but Accelerate runs %d", world_size, state.num_processes)
+        return 2
     if state.is_main_process:
         save_config(cfg, f"{cfg.output_dir}/config.toml")
     results = run(

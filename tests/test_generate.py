@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,8 @@ from divergen.generation import (
 )
 from divergen.pool import InstancePool
 from divergen.synthetic import make_synthetic_lvis
+
+from .test_engine import free_port
 
 pytest.importorskip("open_clip")
 
@@ -386,3 +391,56 @@ def test_cli_runs_stages_and_saves_the_resolved_config(assets, tmp_path, fakes):
 def test_stage_names_are_checked(assets, tmp_path):
     with pytest.raises(ValueError, match="unknown stages"):
         run(make_config(assets, tmp_path / "run"), ["prompts", "paste"], progress=False)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_with_the_tiny_models(assets, tmp_path):
+    """The CLI under ``accelerate launch --num_processes 2`` (gloo on CPU), with the real loaders and the tiny
+    random-weight SD / SAM / CLIP: the same pool as one process."""
+    models = tiny_models.write_demo_models(tmp_path / "models", sd_image_size=32)
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f"""
+output_dir = "{tmp_path / "two"}"
+device = "cpu"
+[prompts]
+annotations = "{assets["train_json"]}"
+template = "xpaste"
+images_per_category = 2
+[[generators]]
+kind = "sd"
+model = "{models["sd"]}"
+dtype = "float32"
+steps = 2
+size = 32
+batch_size = 2
+[annotate]
+sam_checkpoint = "{models["sam"]}"
+sam_model_type = "tiny"
+min_area = 0.0
+max_area = 1.0
+[filter]
+clip_model = "{tiny_models.TINY_CLIP_MODEL}"
+clip_model_config = "{models["clip_config"]}"
+clip_pretrained = "{models["clip_weights"]}"
+min_inter_similarity = -1.0
+real_image_root = "{assets["image_root"]}"
+max_real_crops_per_category = 4
+"""
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", str(free_port())]
+    proc = subprocess.run(
+        [*launcher, str(REPO / "generate.py"), "--config", str(config), "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = tmp_path / "two"
+    assert {p.name for p in (two / "annotations").iterdir()} == {"rank0.jsonl", "rank1.jsonl"}
+    single = load_generate_config(config, [f"output_dir={tmp_path / 'one'}"])
+    run(single, progress=False)
+    expected = pool_lines(tmp_path / "one")
+    assert expected and len(expected) == len({r["path"] for r in expected})
+    assert_same_pool(pool_lines(two), expected)
