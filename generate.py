@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=world_size > 1 and not torch.accelerator.is_available())
     if state.num_processes != world_size:
-        log.error("launched as %d processes (WORLD_SIZE) but Accelerate runs %d", world_size, state.num_processes)
+        log.error(
+            "launched as %d processes (WORLD_SIZE) but Accelerate runs %d", world_size, state.num_processes
+        )
         return 2
     if state.is_main_process:
         save_config(cfg, f"{cfg.output_dir}/config.toml")
