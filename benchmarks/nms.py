@@ -30,7 +30,7 @@ from torchvision.ops import boxes as tv_boxes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from divergen.boxes import batched_nms, batched_nms_topk  # noqa: E402
+from divergen.boxes import batched_nms, batched_nms_topk, nms_per_class_slice  # noqa: E402
 
 
 def candidates(n: int, *, num_classes: int = 1203, proposals: int = 256, device: str, seed: int = 0):
@@ -50,18 +50,8 @@ def candidates(n: int, *, num_classes: int = 1203, proposals: int = 256, device:
 STRATEGIES = {
     "torchvision batched_nms": torchvision.ops.batched_nms,
     "coordinate trick": tv_boxes._batched_nms_coordinate_trick,
-    "divergen (sorted class slices)": None,  # filled in main: the CPU path, forced on any device
+    "one NMS per class slice": nms_per_class_slice,  # divergen's CPU path, here on any device
 }
-
-
-def sorted_slices(boxes, scores, idxs, thresh):
-    order = torch.argsort(idxs, stable=True)
-    counts = torch.unique_consecutive(idxs[order], return_counts=True)[1].tolist()
-    keep_mask = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-    for inds in order.split(counts):
-        keep_mask[inds[torchvision.ops.nms(boxes[inds], scores[inds], thresh)]] = True
-    keep = keep_mask.nonzero().squeeze(1)
-    return keep[scores[keep].sort(descending=True)[1]]
 
 
 def timed(fn, *args, device: str, repeats: int) -> tuple[float, torch.Tensor]:
@@ -87,7 +77,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    STRATEGIES["divergen (sorted class slices)"] = sorted_slices
     print(f"| N | {' | '.join(STRATEGIES)} | divergen.boxes.batched_nms | batched_nms_topk (300) |")
     print("|---:|" + "---:|" * (len(STRATEGIES) + 2))
     for n in args.sizes:

@@ -117,6 +117,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     if boxes.device.type != "cpu" or boxes.shape[0] <= 1000:
         return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    return nms_per_class_slice(boxes, scores, idxs, iou_threshold)
+
+
+def nms_per_class_slice(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """``batched_nms`` as one stable sort by class, then one NMS per class slice (the CPU path above)."""
     order = torch.argsort(idxs, stable=True)
     counts = torch.unique_consecutive(idxs[order], return_counts=True)[1].tolist()
     keep_mask = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)

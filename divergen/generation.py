@@ -212,43 +212,23 @@ def missing_inputs(cfg: GenerateConfig, stages: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ layout
 
 
-@dataclass(frozen=True)
 class Layout:
-    """Where each stage writes, under ``output_dir``."""
+    """Where each stage writes, under ``root`` (the config's ``output_dir``; see the module docstring)."""
 
-    root: Path
+    FOLDERS = ("prompts", "images", "cutouts", "annotations", "scores", "references", "report")
 
-    @property
-    def prompts(self) -> Path:
-        return self.root / "prompts"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def cutouts(self) -> Path:
-        return self.root / "cutouts"
-
-    @property
-    def annotations(self) -> Path:
-        return self.root / "annotations"
-
-    @property
-    def scores(self) -> Path:
-        return self.root / "scores"
-
-    @property
-    def references(self) -> Path:
-        return self.root / "references"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def pool(self) -> Path:
-        return self.root / "pool.jsonl"
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        (
+            self.prompts,
+            self.images,
+            self.cutouts,
+            self.annotations,
+            self.scores,
+            self.references,
+            self.report,
+        ) = (self.root / name for name in self.FOLDERS)
+        self.pool = self.root / "pool.jsonl"
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
