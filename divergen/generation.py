@@ -19,7 +19,9 @@ Stages (``STAGES``), each a separate step that skips the work it finds done:
    scored, kept), ``report/summary.json`` and contact sheets ``report/sheets/<id>.png`` (kept above, rejected
    below). Thresholds can change and ``--stage pool`` rerun without re-scoring anything.
 
-Resuming: an image or cut-out file that exists and decodes is not redone; ``annotations/`` and ``scores/`` are
+Resuming: every file is written atomically (a temporary name, then ``os.replace``), so an image that exists is
+not redone (without decoding it: a resume over a million images takes seconds); an image that turns out not to
+decode is removed by the ``annotate`` stage and made again by the next run. ``annotations/`` and ``scores/`` are
 append-only JSON lines flushed per batch, so a crash loses at most the batch in flight (a torn last line is cut
 off before the next append). Several processes (``accelerate launch``) split the work by whole categories
 (``prompts.shard_jobs``); each appends to its own ``rank<r>.jsonl``, and after a barrier the first process merges.
@@ -420,31 +422,15 @@ def stage_generate(ctx: Context, plan: Plan) -> dict[str, dict[str, int]]:
     jobs = ctx.my_jobs(plan)
     counts = {}
     for spec in ctx.cfg.generators:
-        pending = [j for j in jobs if not image_path(ctx.layout.images, j, spec.name).exists()]
-        if not pending:  # nothing to do: do not load a multi-GB pipeline (a truncated file is caught below)
-            logger.info("generator %s: all %d images exist", spec.name, len(jobs))
-        generator = load_generator(spec, device=ctx.device) if pending else None
-        if generator is None:
-            counts[spec.name] = generate_to_disk(_Unloaded(spec, ctx.device), jobs, ctx.layout.images)
-        else:
-            counts[spec.name] = generate_to_disk(generator, jobs, ctx.layout.images, progress=ctx.progress)
+        if all(image_path(ctx.layout.images, j, spec.name).exists() for j in jobs):
+            # Nothing to do: do not load a multi-GB pipeline.
+            counts[spec.name] = {"generated": 0, "skipped_existing": len(jobs), "failed": 0}
+            continue
+        generator = load_generator(spec, device=ctx.device)
+        counts[spec.name] = generate_to_disk(generator, jobs, ctx.layout.images, progress=ctx.progress)
         del generator
         _empty_cache(ctx.device)
     return counts
-
-
-class _Unloaded:
-    """A generator that loads its pipeline only if a job turns out to need it (an unreadable PNG)."""
-
-    def __init__(self, spec: GeneratorSpec, device: torch.device) -> None:
-        self.spec, self.name, self.device, self._loaded = spec, spec.name, device, None
-
-    def generate(self, jobs):
-        from .generators import load_generator
-
-        if self._loaded is None:
-            self._loaded = load_generator(self.spec, device=self.device)
-        return self._loaded.generate(jobs)
 
 
 def _empty_cache(device: torch.device) -> None:
@@ -499,8 +485,8 @@ def stage_annotate(ctx: Context, plan: Plan) -> dict[str, int]:
 
     One record per image in ``annotations/rank<r>.jsonl``: the job's fields, ``cutout`` (path or null),
     ``annotator`` (the one kept), ``reason`` (null or why it was rejected), ``area`` and, with several annotators,
-    ``annotator_scores`` (their CLIP scores). An image that does not decode is counted and gets no record, so the
-    ``generate`` stage of a rerun replaces it and this stage tries again.
+    ``annotator_scores`` (their CLIP scores). An image that does not decode is counted, removed and gets no record,
+    so the ``generate`` stage of a rerun makes it again and this stage tries again.
     """
     layout = ctx.layout
     done = {r["image"] for r in read_records(layout.annotations)}
@@ -524,7 +510,11 @@ def stage_annotate(ctx: Context, plan: Plan) -> dict[str, int]:
                 with Image.open(layout.root / rec["image"]) as f:
                     rgb = np.asarray(f.convert("RGB"))
             except annotate.READ_ERRORS as e:
-                logger.warning("%s: cannot decode the image (%s); skipped", rec["image"], e)
+                # Removed, so that the next run's generate stage (which trusts existing files) makes it again.
+                logger.warning(
+                    "%s: cannot decode the image (%s); removed, a rerun regenerates it", rec["image"], e
+                )
+                (layout.root / rec["image"]).unlink(missing_ok=True)
                 counts["unreadable"] += 1
                 continue
             try:

@@ -307,7 +307,12 @@ def save_image_atomic(image: Image.Image, path: Path) -> None:
 
 
 def generate_to_disk(
-    generator: Generator, jobs: Sequence[GenerationJob], root: str | os.PathLike, *, progress: bool = False
+    generator: Generator,
+    jobs: Sequence[GenerationJob],
+    root: str | os.PathLike,
+    *,
+    progress: bool = False,
+    verify: bool = False,
 ) -> dict[str, int]:
     """Generate every job's image to ``image_path(root, job, generator.name)``, resumably.
 
@@ -316,17 +321,19 @@ def generate_to_disk(
         jobs: the jobs to run (e.g. this rank's ``prompts.shard_jobs`` share).
         root: output root; ``root/<generator.name>/...`` is created.
         progress: show a tqdm bar over jobs.
+        verify: also decode every existing PNG and regenerate those that do not decode (files copied in from
+            elsewhere). Off by default: this function writes atomically, so a file under its final name is
+            complete, and decoding a million images at every resume would take an hour.
 
-    Jobs whose PNG already exists and is readable are skipped (a truncated PNG is regenerated). Each PNG is
-    written atomically. A batch that raises is retried job by job, and a job that still raises (e.g. non-finite
-    output) is logged and counted as failed; the run goes on. Returns ``{"generated", "skipped_existing",
-    "failed"}`` counts.
+    Jobs whose PNG already exists are skipped. Each PNG is written atomically. A batch that raises is retried
+    job by job, and a job that still raises (e.g. non-finite output) is logged and counted as failed; the run
+    goes on. Returns ``{"generated", "skipped_existing", "failed"}`` counts.
     """
     counts = {"generated": 0, "skipped_existing": 0, "failed": 0}
     todo = []
     for job in jobs:
         path = image_path(root, job, generator.name)
-        if path.exists() and is_readable_image(path):
+        if path.exists() and (not verify or is_readable_image(path)):
             counts["skipped_existing"] += 1
         else:
             if path.exists():

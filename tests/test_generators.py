@@ -113,8 +113,13 @@ def test_generate_to_disk_resumes_and_repairs(sd, tmp_path):
         "failed": 0,
     }
     paths[0].unlink()
-    paths[2].write_bytes(original[2][: len(original[2]) // 2])  # a PNG truncated by a crash
-    assert generate_to_disk(sd, JOBS, tmp_path) == {"generated": 2, "skipped_existing": 1, "failed": 0}
+    paths[2].write_bytes(original[2][: len(original[2]) // 2])  # a truncated PNG, copied in from elsewhere
+    assert generate_to_disk(sd, JOBS, tmp_path) == {"generated": 1, "skipped_existing": 2, "failed": 0}
+    assert generate_to_disk(sd, JOBS, tmp_path, verify=True) == {
+        "generated": 1,
+        "skipped_existing": 2,
+        "failed": 0,
+    }
     assert [p.read_bytes() for p in paths] == original
     assert not list(tmp_path.rglob("*.tmp"))
 
