@@ -5,6 +5,7 @@
 #   make demo-paste   the same run with the synthetic "generated" instance pool pasted in ([paste] enabled)
 #   make demo-bsgal   ... and BSGAL selecting the pasted batches ([bsgal] enabled), then its report
 #   make demo-generate   generate.py on CPU with tiny random-weight models: prompts -> images -> cut-outs -> pool
+#   make demo-toy    BSGAL's CIFAR-10 contribution experiment (A.6) on a synthetic stand-in, CPU, under a minute
 #   make lint    ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ DEMO_OUTPUT := output/demo
 DEMO_PASTE_OUTPUT := output/demo_paste
 DEMO_BSGAL_OUTPUT := output/demo_bsgal
 
-.PHONY: venv test demo demo-paste demo-bsgal demo-data demo-generate lint
+.PHONY: venv test demo demo-paste demo-bsgal demo-data demo-generate demo-toy lint
 
 venv: $(PY)
 
@@ -60,6 +61,9 @@ demo-data: venv
 demo-generate: demo-data
 	$(PY) -m divergen.tiny_models --root data/tiny_models
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --config configs/generate_demo.toml
+
+demo-toy: venv
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m divergen.toy --config configs/toy_demo.toml
 
 lint: venv
 	$(VENV)/bin/ruff check .
