@@ -490,13 +490,14 @@ def stage_annotate(ctx: Context, plan: Plan) -> dict[str, int]:
     """
     layout = ctx.layout
     done = {r["image"] for r in read_records(layout.annotations)}
-    items = []
+    items, counts = [], Counter()
     for job in ctx.my_jobs(plan):
         for spec in ctx.cfg.generators:
             rec = _job_record(layout, job, spec.name)
-            if rec["image"] not in done and (layout.root / rec["image"]).exists():
+            if rec["image"] in done:
+                counts["skipped_existing"] += 1
+            elif (layout.root / rec["image"]).exists():
                 items.append(rec)
-    counts = Counter(skipped_existing=len(done))
     if not items:
         logger.info("annotate: nothing to do")
         return dict(counts)
@@ -579,14 +580,10 @@ def stage_filter(ctx: Context, plan: Plan) -> dict[str, int]:
     layout = ctx.layout
     mine = {c.category_id for c in ctx.my_categories(plan.categories)}
     done = {r["cutout"] for r in read_records(layout.scores)}
-    latest = {
-        r["image"]: r for r in read_records(layout.annotations)
-    }  # a re-annotated image: the last record
-    items = [
-        r for r in latest.values() if r["cutout"] and r["category_id"] in mine and r["cutout"] not in done
-    ]
-    items.sort(key=lambda r: r["cutout"])
-    counts = Counter(skipped_existing=len(done))
+    latest = {r["image"]: r for r in read_records(layout.annotations)}  # re-annotated: the last record
+    cutouts = [r for r in latest.values() if r["cutout"] and r["category_id"] in mine]
+    items = sorted((r for r in cutouts if r["cutout"] not in done), key=lambda r: r["cutout"])
+    counts = Counter(skipped_existing=len(cutouts) - len(items))
     if not items:
         logger.info("filter: nothing to do")
         return dict(counts)

@@ -284,7 +284,10 @@ def test_rerun_does_no_work_and_pool_thresholds_apply_without_rescoring(assets, 
         raise AssertionError("nothing is left to score: CLIP must not load")
 
     monkeypatch.setattr(generation, "load_scorer", no_clip)
-    run(cfg, progress=False)
+    again = run(cfg, progress=False)
+    planned = NUM_CATEGORIES * cfg.prompts.images_per_category
+    assert again["annotate"] == {"skipped_existing": planned}
+    assert again["filter"] == {"skipped_existing": again["pool"]["annotated"]}
     assert (len(fakes["gen_calls"]), len(fakes["sam_calls"])) == (n_gen, n_sam)
     assert fakes["loads"] == ["sd15"]  # the generator was not even loaded the second time
     assert pool_lines(Path(cfg.output_dir)) == before
