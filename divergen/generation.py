@@ -399,7 +399,9 @@ def stage_prompts(ctx: Context) -> dict[str, int]:
     counts["prompt_dir"] = len(lines)
     rest = [c for c in todo if c.category_id not in given]
     if rest and cfg.llm_model:
-        lines |= prompts.diversify_prompts(
+        from .diversify import diversify_prompts
+
+        lines |= diversify_prompts(
             rest,
             model_path=cfg.llm_model,
             prompts_per_category=cfg.llm_prompts_per_category,

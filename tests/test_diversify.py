@@ -8,19 +8,16 @@ import logging
 import pytest
 import torch
 
-from divergen import prompts
-from divergen.hub import hf_from_pretrained
-from divergen.prompts import (
+from divergen import diversify
+from divergen.diversify import (
     DIVERSIFY_OPENINGS,
-    PromptCategory,
     category_mentions,
     diversify_instruction,
     diversify_prompts,
     parse_prompt_lines,
-    read_prompt_dir,
-    template_prompt,
-    write_prompt_dir,
 )
+from divergen.hub import hf_from_pretrained
+from divergen.prompts import PromptCategory, read_prompt_dir, template_prompt, write_prompt_dir
 
 CAN = PromptCategory(
     3, "aerosol_can", "a dispenser that holds a substance under pressure", ("spray_can",), "c"
@@ -46,7 +43,7 @@ def _fake_llm(monkeypatch, answer_fn):
         calls.append((instruction, num))
         return answer_fn(instruction, num)
 
-    monkeypatch.setattr(prompts, "_sample_answers", sample)
+    monkeypatch.setattr(diversify, "_sample_answers", sample)
     return (FakeModel(), object()), calls
 
 
@@ -197,12 +194,12 @@ def test_tiny_llm_end_to_end(tmp_path, caplog, monkeypatch):
     tiny_models = pytest.importorskip("divergen.tiny_models")
     path = tmp_path / "llm"
     tiny_models.save_tiny_llm(path)
-    llm = prompts.load_llm(path, device="cpu")
+    llm = diversify.load_llm(path, device="cpu")
     kw = {"prompts_per_category": 3, "lines_per_request": 2, "max_new_tokens": 12, "max_rounds": 1}
     # The tiny LM reads 256 byte tokens: the full instruction does not fit, which is an error that says so.
     with pytest.raises(ValueError, match="context holds 256 tokens"):
         diversify_prompts([CAN], llm=llm, **kw)
-    monkeypatch.setattr(prompts, "DIVERSIFY_INSTRUCTION", "Write {n} prompts about a {name}{definition}.")
+    monkeypatch.setattr(diversify, "DIVERSIFY_INSTRUCTION", "Write {n} prompts about a {name}{definition}.")
     # Random weights write garbage that names no category: every prompt is the template's.
     with caplog.at_level(logging.WARNING, logger="divergen.prompts"):
         out = diversify_prompts([CAN, BOW], model_path=path, **kw)
