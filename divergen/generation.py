@@ -273,9 +273,10 @@ def select_categories(
     return categories
 
 
-def make_plan(cfg: GenerateConfig, layout: Layout) -> Plan:
-    """The jobs, from the prompt files the ``prompts`` stage wrote (an error names a missing one)."""
-    categories = select_categories(cfg.prompts, load_categories(cfg.prompts))
+def make_plan(cfg: GenerateConfig, layout: Layout, every: Sequence[prompts.PromptCategory]) -> Plan:
+    """The jobs of the selected categories among ``every`` (``load_categories``), from the prompt files the
+    ``prompts`` stage wrote (an error names a missing one)."""
+    categories = select_categories(cfg.prompts, every)
     missing = [c.category_id for c in categories if not (layout.prompts / f"{c.category_id}.txt").is_file()]
     if missing:
         raise FileNotFoundError(
@@ -310,6 +311,11 @@ def read_records(folder: Path) -> Iterator[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     logger.warning("%s:%d: not a JSON record (a torn write?); skipped", path, n)
+
+
+def latest_annotations(layout: Layout) -> list[dict]:
+    """One annotation record per image: the last one (an image annotated again after a crash has two)."""
+    return list({r["image"]: r for r in read_records(layout.annotations)}.values())
 
 
 class RecordWriter:
@@ -376,8 +382,7 @@ class Context:
     progress: bool = True
 
     def my_categories(self, categories: Sequence[prompts.PromptCategory]) -> list[prompts.PromptCategory]:
-        ids = sorted(c.category_id for c in categories)
-        mine = set(ids[self.rank :: self.world_size])  # the same rule as prompts.shard_jobs
+        mine = prompts.shard_category_ids((c.category_id for c in categories), self.rank, self.world_size)
         return [c for c in categories if c.category_id in mine]
 
     def my_jobs(self, plan: Plan) -> list[prompts.GenerationJob]:
@@ -387,10 +392,10 @@ class Context:
         return RecordWriter(folder / f"rank{self.rank}.jsonl")
 
 
-def stage_prompts(ctx: Context) -> dict[str, int]:
-    """Write ``prompts/<id>.txt`` for this process's categories that have none (stage 1)."""
+def stage_prompts(ctx: Context, every: Sequence[prompts.PromptCategory]) -> dict[str, int]:
+    """Write ``prompts/<id>.txt`` for this process's categories that have none (stage 1); ``every`` is
+    ``load_categories``."""
     cfg = ctx.cfg.prompts
-    every = load_categories(cfg)
     categories = ctx.my_categories(select_categories(cfg, every))
     todo = [c for c in categories if not (ctx.layout.prompts / f"{c.category_id}.txt").is_file()]
     given = prompts.read_prompt_dir(cfg.prompt_dir, every) if cfg.prompt_dir and todo else {}
@@ -582,8 +587,7 @@ def stage_filter(ctx: Context, plan: Plan) -> dict[str, int]:
     layout = ctx.layout
     mine = {c.category_id for c in ctx.my_categories(plan.categories)}
     done = {r["cutout"] for r in read_records(layout.scores)}
-    latest = {r["image"]: r for r in read_records(layout.annotations)}  # re-annotated: the last record
-    cutouts = [r for r in latest.values() if r["cutout"] and r["category_id"] in mine]
+    cutouts = [r for r in latest_annotations(layout) if r["cutout"] and r["category_id"] in mine]
     items = sorted((r for r in cutouts if r["cutout"] not in done), key=lambda r: r["cutout"])
     counts = Counter(skipped_existing=len(cutouts) - len(items))
     if not items:
@@ -618,10 +622,6 @@ def stage_filter(ctx: Context, plan: Plan) -> dict[str, int]:
     return dict(counts)
 
 
-def _threshold(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def stage_pool(ctx: Context, plan: Plan) -> dict[str, Any]:
     """Apply the thresholds, write ``pool.jsonl``, the per-category report and the contact sheets (stage 5).
     Run by one process, after every process has scored."""
@@ -636,8 +636,8 @@ def stage_pool(ctx: Context, plan: Plan) -> dict[str, Any]:
     keep = clip_filter.keep_mask(
         np.array([nan if r["clip_score"] is None else r["clip_score"] for r in records], dtype=np.float64),
         np.array([nan if r["clip_inter_sim"] is None else r["clip_inter_sim"] for r in records]),
-        min_clip_score=_threshold(f.min_clip_score),
-        min_inter_similarity=_threshold(f.min_inter_similarity),
+        min_clip_score=_finite(f.min_clip_score),
+        min_inter_similarity=_finite(f.min_inter_similarity),
         keep_without_reference=f.keep_without_reference,
     )
     pool_fields = ("category_id", "generator", "prompt", "seed", "clip_score", "clip_inter_sim", "annotator")
@@ -649,7 +649,7 @@ def stage_pool(ctx: Context, plan: Plan) -> dict[str, Any]:
             c: n * len(ctx.cfg.generators) for c, n in Counter(j.category_id for j in plan.jobs).items()
         },
         generated=count_images(ctx, plan),
-        annotations={r["image"]: r for r in read_records(layout.annotations)}.values(),
+        annotations=latest_annotations(layout),
         scored=records,
         keep=keep,
     )
@@ -756,13 +756,13 @@ def run(
     ctx.layout.root.mkdir(parents=True, exist_ok=True)
     wait = barrier if (barrier is not None and world_size > 1) else (lambda: None)
     results: dict[str, Any] = {}
-    plan = None
+    every, plan = load_categories(cfg.prompts), None  # an LVIS train file is 1 GB: parsed once per run
     for stage in stages:
         if stage == "prompts":
-            results[stage] = stage_prompts(ctx)
+            results[stage] = stage_prompts(ctx, every)
             wait()
             continue
-        plan = plan or make_plan(cfg, ctx.layout)
+        plan = plan or make_plan(cfg, ctx.layout, every)
         if stage == "pool":
             wait()
             if rank == 0:

@@ -365,8 +365,12 @@ def shard_jobs(jobs: Sequence[GenerationJob], rank: int, world_size: int) -> lis
         rank: this process's rank, ``0 <= rank < world_size``.
         world_size: the number of processes, >= 1.
     """
+    mine = shard_category_ids({j.category_id for j in jobs}, rank, world_size)
+    return [j for j in jobs if j.category_id in mine]
+
+
+def shard_category_ids(category_ids: Iterable[int], rank: int, world_size: int) -> set[int]:
+    """The category ids of ``rank`` (``shard_jobs``' rule): the sorted ids dealt round-robin over the ranks."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    ids = sorted({j.category_id for j in jobs})
-    mine = set(ids[rank::world_size])
-    return [j for j in jobs if j.category_id in mine]
+    return set(sorted(set(category_ids))[rank::world_size])
