@@ -50,6 +50,7 @@ from step import (  # noqa: E402
     BACKBONES,
     PRECISIONS,
     TRAIN_SIZE,
+    add_run_arguments,
     autocast_forward,
     build_detector,
     environment,
@@ -156,7 +157,9 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
     for r in results:
-        prec = r["precision"] + (" (+ref)" if r.get("autocast") == "all" else "")
+        # --autocast forward (train.py before the fix): the reference pass ran in fp32 under a bf16/fp16 forward.
+        old = r.get("autocast") == "forward" and r["precision"] != "fp32"
+        prec = r["precision"] + (" (reference pass fp32)" if old else "")
         what = f"| {NAMES.get(r['backbone'], r['backbone'])} | {prec} | {r['batch']} × {r['size']}² | {r['mode']} |"
         if "error" in r:
             lines.append(f"{what} {r['error']} | | | |" + (" |" if cuda else ""))
@@ -204,17 +207,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="image side (default 640 R50 and Swin-T, 896 Swin-L)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default 2 on CPU, torch's own on CUDA)"
-    )
-    parser.add_argument("--timeout", type=float, help="seconds per mode before it counts as failed")
-    parser.add_argument("--json", metavar="PATH", help="append one JSON line per mode to PATH")
-    parser.add_argument(
-        "--summary", metavar="PATH", help="only print the table of the bsgal rows of a --json file"
-    )
-    parser.add_argument(
-        "--write", action="store_true", help="write the results into benchmarks/RESULTS.md (CPU)"
-    )
+    add_run_arguments(parser, bench="bsgal", unit="mode")
     args = parser.parse_args()
     if args.summary:
         print(table(read_jsonl(args.summary, "bsgal")))

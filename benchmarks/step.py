@@ -287,6 +287,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, bench: str, unit: str) -> None:
+    """The options step.py and bsgal.py share: threads, per-run timeout, JSON output and summary, --write."""
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default 2 on CPU, torch's own on CUDA)"
+    )
+    parser.add_argument("--timeout", type=float, help=f"seconds per {unit} before it counts as failed")
+    parser.add_argument("--json", metavar="PATH", help=f"append one JSON line per {unit} to PATH")
+    parser.add_argument(
+        "--summary", metavar="PATH", help=f"only print the table of the {bench} rows of a --json file"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write the results into benchmarks/RESULTS.md (CPU)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,18 +320,8 @@ def main() -> None:
     parser.add_argument("--amp-heads", action="store_true", help="autocast the heads too (model.amp_heads)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default 2 on CPU, torch's own on CUDA)"
-    )
-    parser.add_argument("--timeout", type=float, help="seconds per configuration before it counts as failed")
-    parser.add_argument("--json", metavar="PATH", help="append one JSON line per configuration to PATH")
-    parser.add_argument(
-        "--summary", metavar="PATH", help="only print the tables of the step rows of a --json file"
-    )
+    add_run_arguments(parser, bench="step", unit="configuration")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (with --mode)")
-    parser.add_argument(
-        "--write", action="store_true", help="write the results into benchmarks/RESULTS.md (CPU)"
-    )
     args = parser.parse_args()
     if args.summary:
         print(table(read_jsonl(args.summary, "step")))
